@@ -1,0 +1,620 @@
+//! The coordinator: one thread that owns the front ROUTER, the inproc ROUTER to the workers,
+//! the signalfd and every worker thread. It reads requests, hands each to a free worker (the
+//! zguide's load-balancing pattern: a worker gets a request only when it is free, so nothing
+//! waits behind a slow request while another worker idles), returns replies, and runs the
+//! lifecycle from serving through the drain to joining the workers.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use shared::metrics::DropReason;
+use shared::protocol::internal::{self, Ticket};
+use shared::protocol::{classify, envelope_len, RequestKind, STATUS_ERR, STATUS_OK};
+use shared::socket::{recv_frames, retry_eintr, send_frames, send_one};
+use shared::{ErrorCode, Metrics};
+use zmq::{Message, Socket};
+
+use crate::config::Config;
+use crate::lifecycle::{State, Status};
+use crate::signals::{self, Signals};
+
+/// Messages read from one socket before looking at the others, so a flood on the front
+/// cannot starve replies coming back from the workers.
+const BATCH: usize = 256;
+/// How long shutdown waits for a worker that has not said READY yet.
+const READY_GRACE: Duration = Duration::from_secs(1);
+
+/// A fatal coordinator error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// zmq_poll failed.
+    #[error("poll failed: {0}")]
+    Poll(zmq::Error),
+    /// A socket failed in a way that is not about one client.
+    #[error("{socket} socket failed: {source}")]
+    Socket {
+        /// `front` or `backend`.
+        socket: &'static str,
+        /// What libzmq said.
+        source: zmq::Error,
+    },
+    /// Reading the signalfd failed.
+    #[error(transparent)]
+    Signals(#[from] signals::Error),
+}
+
+/// How the coordinator ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Drained (or hit the drain deadline), workers stopped; `abandoned` were left inside a
+    /// handler at the deadline.
+    Drained {
+        /// Workers left behind.
+        abandoned: usize,
+    },
+    /// A second stop signal: leave now.
+    HardStop(Signal),
+}
+
+/// What the coordinator knows of one worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkerState {
+    /// Has not said READY yet.
+    Starting,
+    /// Free for work.
+    Idle,
+    /// Running the request in this slot.
+    Busy(u32),
+    /// Still inside a handler at the drain deadline; never waited on again.
+    Abandoned,
+    /// Sent STOP.
+    Stopped,
+}
+
+/// One request read and not yet answered.
+struct Entry {
+    client: Message,
+    delimiter: bool,
+    received: Instant,
+    /// The body while it waits for a worker; empty once dispatched.
+    queued: Vec<Message>,
+    worker: Option<u32>,
+}
+
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+/// In-flight requests, indexed by slot; bounded by `--max-inflight`.
+struct Table {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    len: usize,
+    capacity: usize,
+}
+
+impl Table {
+    fn new(capacity: usize) -> Table {
+        Table {
+            slots: Vec::with_capacity(capacity.min(1 << 16)),
+            free: Vec::new(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len >= self.capacity
+    }
+
+    /// Stores `entry`; the caller checked [`Table::is_full`].
+    fn insert(&mut self, entry: Entry) -> Ticket {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let s = &mut self.slots[slot as usize];
+        s.entry = Some(entry);
+        self.len += 1;
+        Ticket {
+            slot,
+            generation: s.generation,
+        }
+    }
+
+    fn get_mut(&mut self, ticket: Ticket) -> Option<&mut Entry> {
+        let s = self.slots.get_mut(ticket.slot as usize)?;
+        if s.generation != ticket.generation {
+            return None;
+        }
+        s.entry.as_mut()
+    }
+
+    fn remove(&mut self, ticket: Ticket) -> Option<Entry> {
+        let s = self.slots.get_mut(ticket.slot as usize)?;
+        if s.generation != ticket.generation {
+            return None;
+        }
+        let entry = s.entry.take()?;
+        // A late reply carrying the old generation is now recognised as stale.
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(ticket.slot);
+        self.len -= 1;
+        Some(entry)
+    }
+
+    fn tickets(&self) -> Vec<Ticket> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.entry.is_some())
+            .map(|(slot, s)| Ticket {
+                slot: slot as u32,
+                generation: s.generation,
+            })
+            .collect()
+    }
+}
+
+/// The coordinator and everything it owns.
+pub struct Coordinator {
+    front: Socket,
+    backend: Socket,
+    signals: Signals,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    max_message_bytes: usize,
+    shutdown_delay: Duration,
+    drain_timeout: Duration,
+    heartbeat: Duration,
+    table: Table,
+    pending: VecDeque<Ticket>,
+    threads: Vec<worker::Worker>,
+    workers: Vec<WorkerState>,
+    idle: Vec<u32>,
+    frames: Vec<Message>,
+}
+
+impl Coordinator {
+    /// A coordinator for bound `front` and `backend` sockets and the workers connected to
+    /// `backend`.
+    pub fn new(
+        config: &Config,
+        front: Socket,
+        backend: Socket,
+        signals: Signals,
+        threads: Vec<worker::Worker>,
+        status: Arc<Status>,
+        metrics: Arc<Metrics>,
+    ) -> Coordinator {
+        let workers = vec![WorkerState::Starting; threads.len()];
+        Coordinator {
+            front,
+            backend,
+            signals,
+            status,
+            metrics,
+            max_message_bytes: config.max_message_bytes,
+            shutdown_delay: config.shutdown_delay,
+            drain_timeout: config.drain_timeout,
+            // Turn often enough that liveness never mistakes an idle loop for a stuck one.
+            heartbeat: (config.stuck_after / 4).min(Duration::from_millis(500)),
+            table: Table::new(config.max_inflight),
+            pending: VecDeque::new(),
+            idle: Vec::with_capacity(threads.len()),
+            workers,
+            threads,
+            frames: Vec::with_capacity(8),
+        }
+    }
+
+    /// Runs until drained or hard-stopped. On a clean exit every worker that is not stuck in
+    /// its handler has been joined.
+    pub fn run(mut self) -> Result<Exit, Error> {
+        let mut stop_at: Option<Instant> = None;
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            self.status.heartbeat();
+            let now = Instant::now();
+            if let Some(at) = stop_at.filter(|at| now >= *at) {
+                stop_at = None;
+                drain_deadline = Some(at + self.drain_timeout);
+                self.status.set(State::Draining);
+                log::info!(
+                    "draining {} in-flight requests, deadline {:?}",
+                    self.table.len,
+                    self.drain_timeout
+                );
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.table.len == 0 {
+                    break;
+                }
+                if now >= deadline {
+                    self.expire();
+                    break;
+                }
+            }
+
+            let wake = [stop_at, drain_deadline]
+                .into_iter()
+                .flatten()
+                .map(|at| at.saturating_duration_since(now))
+                .fold(self.heartbeat, Duration::min);
+            let (signal, backend, front) = self.poll(wake)?;
+            if signal {
+                while let Some(sig) = self.signals.next()? {
+                    if self.status.state() >= State::Stopping {
+                        log::warn!("second {sig} during shutdown: exiting now");
+                        // Nothing may wait on the way out: drop queued replies.
+                        let _ = self.front.set_linger(0);
+                        return Ok(Exit::HardStop(sig));
+                    }
+                    log::info!(
+                        "{sig} received: not ready; serving for {:?} more, then draining",
+                        self.shutdown_delay
+                    );
+                    self.status.set(State::Stopping);
+                    self.metrics.draining.set(1);
+                    stop_at = Some(Instant::now() + self.shutdown_delay);
+                }
+            }
+            if backend {
+                self.read_backend()?;
+            }
+            if front {
+                self.read_front()?;
+            }
+        }
+        self.status.set(State::Stopped);
+        let abandoned = self.stop_workers();
+        Ok(Exit::Drained { abandoned })
+    }
+
+    fn poll(&self, timeout: Duration) -> Result<(bool, bool, bool), Error> {
+        let mut items = [
+            zmq::PollItem::from_fd(self.signals.as_raw_fd(), zmq::POLLIN),
+            self.backend.as_poll_item(zmq::POLLIN),
+            self.front.as_poll_item(zmq::POLLIN),
+        ];
+        // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
+        let millis = timeout.as_micros().div_ceil(1000) as i64;
+        retry_eintr(|| zmq::poll(&mut items, millis)).map_err(Error::Poll)?;
+        Ok((
+            items[0].is_readable(),
+            items[1].is_readable(),
+            items[2].is_readable(),
+        ))
+    }
+
+    /// Reads up to [`BATCH`] requests from the front socket.
+    fn read_front(&mut self) -> Result<(), Error> {
+        let mut frames = std::mem::take(&mut self.frames);
+        for _ in 0..BATCH {
+            match recv_frames(&self.front, zmq::DONTWAIT, &mut frames) {
+                Ok(()) => self.on_request(&mut frames),
+                Err(zmq::Error::EAGAIN) => break,
+                Err(source) => {
+                    return Err(Error::Socket {
+                        socket: "front",
+                        source,
+                    })
+                }
+            }
+        }
+        self.frames = frames;
+        Ok(())
+    }
+
+    fn on_request(&mut self, frames: &mut Vec<Message>) {
+        // A ROUTER always prepends the routing id, so there is at least one frame.
+        let Some(envelope) = envelope_len(frames) else {
+            return;
+        };
+        let delimiter = envelope == 2;
+        let body = &frames[envelope..];
+        let size: usize = body.iter().map(|f| f.len()).sum();
+        self.metrics.received_bytes.inc_by(size as u64);
+
+        let verdict = classify(body, self.max_message_bytes);
+        let mut parts = frames.drain(..);
+        let Some(client) = parts.next() else {
+            return;
+        };
+        if delimiter {
+            parts.next();
+        }
+        let state = self.status.state();
+        match verdict {
+            Ok(RequestKind::Health) => {
+                self.metrics.health_checks.inc();
+                let reply = [Message::from(STATUS_OK), Message::from(state.as_str())];
+                self.send_reply(client, delimiter, reply);
+            }
+            Err(code) => self.reject(client, delimiter, code),
+            Ok(RequestKind::Work) if state >= State::Draining => {
+                self.reject(client, delimiter, ErrorCode::Draining)
+            }
+            Ok(RequestKind::Work) if self.table.is_full() => {
+                self.reject(client, delimiter, ErrorCode::Overloaded)
+            }
+            Ok(RequestKind::Work) => {
+                let worker = self.idle.pop();
+                let entry = Entry {
+                    client,
+                    delimiter,
+                    received: Instant::now(),
+                    // Only a request that must wait keeps its body here (and allocates).
+                    queued: match worker {
+                        Some(_) => Vec::new(),
+                        None => parts.by_ref().collect(),
+                    },
+                    worker,
+                };
+                let ticket = self.table.insert(entry);
+                self.metrics.inflight.set(self.table.len as i64);
+                match worker {
+                    Some(w) => {
+                        self.workers[w as usize] = WorkerState::Busy(ticket.slot);
+                        self.metrics.queue_wait.observe(0.0);
+                        self.dispatch(w, ticket, parts);
+                    }
+                    None => self.pending.push_back(ticket),
+                }
+            }
+        }
+    }
+
+    /// Sends a request to worker `w`.
+    fn dispatch(&mut self, w: u32, ticket: Ticket, body: impl Iterator<Item = Message>) {
+        let head = [
+            Message::from(&internal::worker_id(w)[..]),
+            Message::from(&ticket.to_bytes()[..]),
+        ];
+        // The worker said READY and is idle, so its inproc pipe has room: this cannot block.
+        let mut frames = head.into_iter().chain(body).peekable();
+        while let Some(frame) = frames.next() {
+            let more = if frames.peek().is_some() {
+                zmq::SNDMORE
+            } else {
+                0
+            };
+            if let Err(e) = send_one(&self.backend, frame, more) {
+                // Only possible if the worker thread died; its request times out at drain.
+                log::error!("cannot dispatch to worker {w}: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Gives worker `w` the oldest queued request, or marks it idle.
+    fn next_for(&mut self, w: u32) {
+        while let Some(ticket) = self.pending.pop_front() {
+            let Some(entry) = self.table.get_mut(ticket) else {
+                continue;
+            };
+            entry.worker = Some(w);
+            let body = std::mem::take(&mut entry.queued);
+            self.metrics
+                .queue_wait
+                .observe(entry.received.elapsed().as_secs_f64());
+            self.workers[w as usize] = WorkerState::Busy(ticket.slot);
+            self.dispatch(w, ticket, body.into_iter());
+            return;
+        }
+        self.workers[w as usize] = WorkerState::Idle;
+        self.idle.push(w);
+    }
+
+    /// Reads READY announcements and replies from the workers.
+    fn read_backend(&mut self) -> Result<(), Error> {
+        let mut frames = Vec::with_capacity(6);
+        loop {
+            match recv_frames(&self.backend, zmq::DONTWAIT, &mut frames) {
+                Ok(()) => self.on_worker_message(&mut frames),
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(source) => {
+                    return Err(Error::Socket {
+                        socket: "backend",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn on_worker_message(&mut self, frames: &mut Vec<Message>) {
+        let Some(w) = frames.first().and_then(|id| internal::parse_worker_id(id)) else {
+            return;
+        };
+        let Some(&state) = self.workers.get(w as usize) else {
+            return;
+        };
+        if frames.len() == 2 && &frames[1][..] == internal::READY {
+            if state == WorkerState::Starting {
+                self.next_for(w);
+                if self.status.state() == State::Starting
+                    && !self.workers.contains(&WorkerState::Starting)
+                {
+                    self.status.set(State::Serving);
+                }
+            }
+            return;
+        }
+        let Some(ticket) = frames.get(1).and_then(|t| Ticket::from_bytes(t)) else {
+            log::error!("malformed message from worker {w} ignored");
+            return;
+        };
+        if state != WorkerState::Busy(ticket.slot) {
+            // A reply from a worker abandoned at the drain deadline: its client already got
+            // ERR timeout.
+            log::debug!("late reply from worker {w} discarded");
+            return;
+        }
+        if let Some(entry) = self.table.remove(ticket) {
+            self.metrics.inflight.set(self.table.len as i64);
+            let outcome = match frames.get(2).map(|f| &f[..]) {
+                Some(STATUS_OK) => None,
+                _ => frames
+                    .get(3)
+                    .and_then(|code| ErrorCode::from_bytes(code))
+                    .or(Some(ErrorCode::HandlerFailed)),
+            };
+            self.metrics.count_reply(outcome);
+            self.send_reply(entry.client, entry.delimiter, frames.drain(2..));
+            self.metrics
+                .request_duration
+                .observe(entry.received.elapsed().as_secs_f64());
+        }
+        self.next_for(w);
+    }
+
+    /// Answers a request that no worker will see.
+    fn reject(&mut self, client: Message, delimiter: bool, code: ErrorCode) {
+        self.metrics.count_reply(Some(code));
+        let reply = [
+            Message::from(STATUS_ERR),
+            Message::from(code.as_str()),
+            Message::from(reject_message(code)),
+        ];
+        self.send_reply(client, delimiter, reply);
+    }
+
+    /// Sends a reply without blocking. A client that is gone or not reading loses its reply
+    /// (counted) rather than stalling everyone else.
+    fn send_reply(
+        &mut self,
+        client: Message,
+        delimiter: bool,
+        body: impl IntoIterator<Item = Message>,
+    ) {
+        // With ROUTER_MANDATORY the first frame decides: EHOSTUNREACH for an unknown peer,
+        // EAGAIN at the peer's high-water mark. Once it is accepted the rest of the message
+        // is too (the pipe counts whole messages).
+        let first = send_one(&self.front, client, zmq::DONTWAIT | zmq::SNDMORE);
+        let reason = match first {
+            Ok(()) => None,
+            Err(zmq::Error::EHOSTUNREACH) => Some(DropReason::PeerGone),
+            Err(zmq::Error::EAGAIN) => Some(DropReason::Hwm),
+            Err(e) => {
+                log::debug!("reply dropped: {e}");
+                Some(DropReason::PeerGone)
+            }
+        };
+        if let Some(reason) = reason {
+            self.metrics.count_drop(reason);
+            return;
+        }
+        if delimiter {
+            let _ = send_one(&self.front, Message::new(), zmq::DONTWAIT | zmq::SNDMORE);
+        }
+        let mut sent = 0;
+        let mut body = body.into_iter().peekable();
+        while let Some(frame) = body.next() {
+            let more = if body.peek().is_some() {
+                zmq::SNDMORE
+            } else {
+                0
+            };
+            sent += frame.len();
+            if let Err(e) = send_one(&self.front, frame, zmq::DONTWAIT | more) {
+                log::debug!("reply cut short: {e}");
+                break;
+            }
+        }
+        self.metrics.sent_bytes.inc_by(sent as u64);
+    }
+
+    /// At the drain deadline: every request still held gets `ERR timeout`; workers still in a
+    /// handler are abandoned.
+    fn expire(&mut self) {
+        let (mut timed_out, mut abandoned) = (0, 0);
+        for ticket in self.table.tickets() {
+            if let Some(entry) = self.table.remove(ticket) {
+                if let Some(w) = entry.worker {
+                    self.workers[w as usize] = WorkerState::Abandoned;
+                    abandoned += 1;
+                }
+                timed_out += 1;
+                self.metrics.count_reply(Some(ErrorCode::Timeout));
+                let reply = [
+                    Message::from(STATUS_ERR),
+                    Message::from(ErrorCode::Timeout.as_str()),
+                    Message::from(reject_message(ErrorCode::Timeout)),
+                ];
+                self.send_reply(entry.client, entry.delimiter, reply);
+                self.metrics
+                    .request_duration
+                    .observe(entry.received.elapsed().as_secs_f64());
+            }
+        }
+        self.pending.clear();
+        self.metrics.inflight.set(0);
+        log::warn!(
+            "drain deadline reached: {timed_out} requests answered ERR timeout, \
+             {abandoned} workers still inside their handler"
+        );
+    }
+
+    /// Stops and joins every worker that is not stuck in a handler. Returns how many were
+    /// left behind.
+    fn stop_workers(&mut self) -> usize {
+        // A worker still starting has not said READY and cannot be addressed yet.
+        let grace = Instant::now() + READY_GRACE;
+        while self.workers.contains(&WorkerState::Starting) && Instant::now() < grace {
+            let mut item = [self.backend.as_poll_item(zmq::POLLIN)];
+            if matches!(retry_eintr(|| zmq::poll(&mut item, 50)), Ok(n) if n > 0) {
+                let _ = self.read_backend();
+            }
+        }
+        for w in 0..self.workers.len() as u32 {
+            if self.workers[w as usize] == WorkerState::Idle {
+                let stop = [
+                    Message::from(&internal::worker_id(w)[..]),
+                    Message::from(internal::STOP),
+                ];
+                match send_frames(&self.backend, stop, 0) {
+                    Ok(()) => self.workers[w as usize] = WorkerState::Stopped,
+                    Err(e) => log::error!("cannot stop worker {w}: {e}"),
+                }
+            }
+        }
+        let mut left = 0;
+        for thread in std::mem::take(&mut self.threads) {
+            if self.workers[thread.index as usize] == WorkerState::Stopped {
+                if thread.thread.join().is_err() {
+                    log::error!("worker {} panicked outside its handler", thread.index);
+                }
+            } else {
+                // Dropping the handle detaches the thread; process exit ends it.
+                left += 1;
+            }
+        }
+        if left > 0 {
+            log::warn!("{left} workers left behind inside their handler");
+        }
+        left
+    }
+}
+
+/// The message frame of an error the coordinator answers itself.
+fn reject_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BadRequest => "request body is empty",
+        ErrorCode::TooLarge => "request body exceeds --max-message-bytes",
+        ErrorCode::Overloaded => "too many requests in flight; retry later or elsewhere",
+        ErrorCode::Draining => "broker is shutting down; retry on another instance",
+        ErrorCode::Timeout => "request still running at the drain deadline",
+        ErrorCode::HandlerFailed => "handler failed",
+    }
+}

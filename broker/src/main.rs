@@ -1,0 +1,79 @@
+//! `broker`: parse flags, set up logging and signals, run the broker, map the outcome to an
+//! exit code (0 drained, 1 fatal, 2 bad configuration, 128+N hard stop by signal N).
+
+use std::process::ExitCode;
+
+use broker::config::{Cli, Command, Config};
+use broker::{Broker, Exit, Signals};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    match cli.command {
+        Some(Command::Probe(args)) => broker::probe::run(&args),
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(args: broker::config::ServeArgs) -> ExitCode {
+    // Config errors exit 2 before anything is bound or started.
+    let config = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = shared::logging::init(config.log_level, config.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    log_panics();
+    // Before any thread exists, so every thread inherits the blocked mask.
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handler = broker::builtin_handler(&config);
+    match Broker::new(config, handler).run(signals) {
+        Ok(Exit::Drained { .. }) => ExitCode::SUCCESS,
+        Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),
+        Err(e) => {
+            log::error!("fatal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints clap's help or version as usual; any other error as one line, exit 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    eprintln!(
+        "{}",
+        text.lines().next().unwrap_or("error: invalid arguments")
+    );
+    ExitCode::from(2)
+}
+
+/// Handler panics are caught and answered `ERR handler_failed`; log them in the configured
+/// format instead of raw stderr text.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        log::error!(
+            "panic in thread {}: {info}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
+}

@@ -1,0 +1,292 @@
+//! Test support: start the real `broker` binary on free loopback ports, wait on its log lines
+//! and exit with deadlines, and talk to it with real ZeroMQ clients over TCP.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use shared::protocol::{parse_reply, Reply};
+
+/// How long any single event may take before a test fails loudly.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The real broker binary, running.
+pub struct Broker {
+    child: Child,
+    pub front: String,
+    pub admin: SocketAddr,
+    lines: Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Broker {
+    /// Starts the broker with `args` on free ports and waits until it is serving.
+    pub fn start(args: &[&str]) -> Broker {
+        let broker = Broker::spawn(args, &[]);
+        broker.wait_for_log("state starting -> serving", EVENT_TIMEOUT);
+        broker
+    }
+
+    /// Starts the broker with `args` and `env` on free ports without waiting.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Broker {
+        let front = format!("tcp://127.0.0.1:{}", free_port());
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("admin address");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
+        command
+            .args(["--frontend", &front, "--admin", &admin.to_string()])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("broker binary starts");
+        let (tx, lines) = crossbeam_channel::unbounded();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let log_copy = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                log_copy.lock().expect("log lock").push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        let err_copy = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err_pipe.read_to_string(&mut text);
+            err_copy.lock().expect("stderr lock").push_str(&text);
+        });
+        Broker {
+            child,
+            front,
+            admin,
+            lines,
+            log,
+            stderr,
+        }
+    }
+
+    /// Waits for a stdout line containing `needle` (seen since start), or fails.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
+            return line;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                        self.log_text()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Output closed; the line may have been read by an earlier call.
+                    if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
+                        return line;
+                    }
+                    panic!(
+                        "broker exited before logging {needle:?}; log:\n{}",
+                        self.log_text()
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal the broker");
+    }
+
+    /// Waits for the process to exit, or fails after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            // Polling the child is the only portable way to wait with a deadline.
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// GET `path` on the admin server: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_request(self.admin, "GET", path)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: (status code, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, EVENT_TIMEOUT).expect("connect to admin");
+    stream
+        .set_read_timeout(Some(EVENT_TIMEOUT))
+        .expect("read timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `check` until it returns true, or fails after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not true within {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A ZeroMQ client of the broker: REQ, or DEALER with or without the empty delimiter.
+pub struct Client {
+    pub socket: zmq::Socket,
+    delimiter: bool,
+    _ctx: zmq::Context,
+}
+
+impl Client {
+    pub fn dealer(endpoint: &str, delimiter: bool) -> Client {
+        Client::new(endpoint, zmq::DEALER, delimiter)
+    }
+
+    pub fn req(endpoint: &str) -> Client {
+        Client::new(endpoint, zmq::REQ, false)
+    }
+
+    fn new(endpoint: &str, kind: zmq::SocketType, delimiter: bool) -> Client {
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(kind).expect("client socket");
+        socket.set_linger(0).expect("linger");
+        socket.connect(endpoint).expect("connect");
+        Client {
+            socket,
+            delimiter,
+            _ctx: ctx,
+        }
+    }
+
+    pub fn send(&self, body: &[&[u8]]) {
+        if self.delimiter {
+            self.socket.send("", zmq::SNDMORE).expect("send delimiter");
+        }
+        self.socket.send_multipart(body, 0).expect("send request");
+    }
+
+    /// The next reply body (envelope removed), or `None` after `timeout`.
+    pub fn try_recv(&self, timeout: Duration) -> Option<Vec<Vec<u8>>> {
+        let ready = self
+            .socket
+            .poll(zmq::POLLIN, timeout.as_millis() as i64)
+            .expect("poll");
+        if ready == 0 {
+            return None;
+        }
+        let mut frames = self.socket.recv_multipart(0).expect("recv reply");
+        if self.delimiter {
+            assert_eq!(
+                frames.first().map(Vec::len),
+                Some(0),
+                "reply keeps the delimiter"
+            );
+            frames.remove(0);
+        }
+        Some(frames)
+    }
+
+    pub fn recv(&self) -> Vec<Vec<u8>> {
+        self.try_recv(EVENT_TIMEOUT)
+            .unwrap_or_else(|| panic!("no reply within {EVENT_TIMEOUT:?}"))
+    }
+
+    pub fn recv_reply(&self) -> Reply<Vec<u8>> {
+        parse_reply(self.recv()).expect("well-formed reply")
+    }
+
+    pub fn request(&self, body: &[&[u8]]) -> Reply<Vec<u8>> {
+        self.send(body);
+        self.recv_reply()
+    }
+}
+
+/// The ERR code of a reply, or `None` for OK.
+pub fn err_code(reply: &Reply<Vec<u8>>) -> Option<shared::ErrorCode> {
+    match reply {
+        Reply::Ok(_) => None,
+        Reply::Err { code, .. } => Some(*code),
+    }
+}
+
+/// Expects an `OK` reply and returns its frames.
+pub fn ok(reply: Reply<Vec<u8>>) -> Vec<Vec<u8>> {
+    match reply {
+        Reply::Ok(frames) => frames,
+        Reply::Err { code, message } => panic!("expected OK, got ERR {code} {message}"),
+    }
+}

@@ -1,0 +1,58 @@
+//! Multipart receive and send helpers over `zmq` sockets that retry on EINTR, so a signal never
+//! turns a blocking call into an error path, and reuse the caller's frame buffer.
+
+use zmq::{Message, Socket};
+
+/// Receives every frame of one message into `frames` (cleared first).
+///
+/// With `zmq::DONTWAIT`, `Err(EAGAIN)` means nothing was waiting; once the first frame has been
+/// read the rest of the message is already queued (ZeroMQ delivers messages whole), so later
+/// frames never see EAGAIN.
+pub fn recv_frames(socket: &Socket, flags: i32, frames: &mut Vec<Message>) -> zmq::Result<()> {
+    frames.clear();
+    loop {
+        let mut frame = Message::new();
+        retry_eintr(|| socket.recv(&mut frame, flags))?;
+        let more = frame.get_more();
+        frames.push(frame);
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends `frames` as one message; `flags` are added to every frame.
+pub fn send_frames<I>(socket: &Socket, frames: I, flags: i32) -> zmq::Result<()>
+where
+    I: IntoIterator<Item = Message>,
+{
+    let mut frames = frames.into_iter().peekable();
+    while let Some(frame) = frames.next() {
+        let more = if frames.peek().is_some() {
+            zmq::SNDMORE
+        } else {
+            0
+        };
+        send_one(socket, frame, flags | more)?;
+    }
+    Ok(())
+}
+
+/// Sends one frame without copying it.
+///
+/// The binding consumes the frame even when the send fails, so EINTR cannot be retried here.
+/// It cannot happen either: the broker blocks SIGTERM/SIGINT in every thread before any socket
+/// exists (they arrive through a signalfd), and front-socket sends are non-blocking.
+pub fn send_one(socket: &Socket, frame: Message, flags: i32) -> zmq::Result<()> {
+    socket.send(frame, flags)
+}
+
+/// Calls `op` until it fails with something other than EINTR.
+pub fn retry_eintr<T>(mut op: impl FnMut() -> zmq::Result<T>) -> zmq::Result<T> {
+    loop {
+        match op() {
+            Err(zmq::Error::EINTR) => continue,
+            other => return other,
+        }
+    }
+}

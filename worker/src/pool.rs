@@ -1,0 +1,223 @@
+//! Worker threads. Each owns a DEALER socket on the coordinator's inproc ROUTER, announces
+//! itself with `READY`, then runs one request at a time until it reads `STOP` or its context
+//! is terminated. The coordinator decides who works on what; a worker only runs its handler.
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use shared::protocol::{internal, STATUS_ERR, STATUS_OK};
+use shared::socket::{recv_frames, send_frames, send_one};
+use shared::{ErrorCode, Metrics};
+use zmq::Message;
+
+use crate::{Frame, Handler, HandlerError};
+
+/// Starting a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The worker's socket could not be created or connected.
+    #[error("worker {index}: cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// Worker index.
+        index: u32,
+        /// The coordinator's inproc endpoint.
+        endpoint: String,
+        /// What libzmq said.
+        source: zmq::Error,
+    },
+    /// The OS refused a thread.
+    #[error("worker {index}: cannot spawn thread: {source}")]
+    Spawn {
+        /// Worker index.
+        index: u32,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// What each worker is doing, readable from any thread without locks: the liveness check
+/// reads it to tell a busy pool from a wedged one.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    // Per worker: 0 when idle, else 1 + the millisecond (since `epoch`) its request started.
+    busy_since: Box<[AtomicU64]>,
+}
+
+impl Activity {
+    /// Activity for `workers` idle workers.
+    pub fn new(workers: usize) -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn now_mark(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn begin(&self, index: usize) {
+        self.busy_since[index].store(self.now_mark(), Ordering::Relaxed);
+    }
+
+    fn end(&self, index: usize) {
+        self.busy_since[index].store(0, Ordering::Relaxed);
+    }
+
+    /// How long each worker has been on its current request (`None`: idle).
+    pub fn busy_for(&self) -> impl Iterator<Item = Option<Duration>> + '_ {
+        let now = self.now_mark();
+        self.busy_since
+            .iter()
+            .map(move |since| match since.load(Ordering::Relaxed) {
+                0 => None,
+                mark => Some(Duration::from_millis(now.saturating_sub(mark))),
+            })
+    }
+
+    /// Pool size.
+    pub fn len(&self) -> usize {
+        self.busy_since.len()
+    }
+
+    /// True for an empty pool.
+    pub fn is_empty(&self) -> bool {
+        self.busy_since.is_empty()
+    }
+}
+
+/// A running worker thread, owned (and joined) by the coordinator.
+#[derive(Debug)]
+pub struct Worker {
+    /// Index in the pool, also its routing id on the inproc link.
+    pub index: u32,
+    /// The thread; joining it after `STOP` returns promptly.
+    pub thread: JoinHandle<()>,
+}
+
+impl Worker {
+    /// Connects a DEALER to the coordinator at `endpoint` (an inproc endpoint already bound
+    /// in `ctx`) and starts the worker thread `worker-<index>` running `handler`.
+    pub fn spawn(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        index: u32,
+        handler: Box<dyn Handler>,
+        metrics: Arc<Metrics>,
+        activity: Arc<Activity>,
+    ) -> Result<Worker, Error> {
+        let connect_error = |source| Error::Connect {
+            index,
+            endpoint: endpoint.to_owned(),
+            source,
+        };
+        let socket = ctx.socket(zmq::DEALER).map_err(connect_error)?;
+        socket
+            .set_identity(&internal::worker_id(index))
+            .map_err(connect_error)?;
+        socket.set_linger(0).map_err(connect_error)?;
+        socket.connect(endpoint).map_err(connect_error)?;
+        let thread = thread::Builder::new()
+            .name(format!("worker-{index}"))
+            .spawn(move || run(socket, index as usize, handler, &metrics, &activity))
+            .map_err(|source| Error::Spawn { index, source })?;
+        Ok(Worker { index, thread })
+    }
+}
+
+fn run(
+    socket: zmq::Socket,
+    index: usize,
+    mut handler: Box<dyn Handler>,
+    metrics: &Metrics,
+    activity: &Activity,
+) {
+    if let Err(e) = send_one(&socket, Message::from(internal::READY), 0) {
+        log::error!("worker {index}: cannot announce itself: {e}");
+        return;
+    }
+    log::debug!("worker {index}: ready");
+    // Reused across requests: an echo hands the same Vec back, so steady state allocates nothing.
+    let mut frames: Vec<Frame> = Vec::with_capacity(4);
+    loop {
+        match recv_frames(&socket, 0, &mut frames) {
+            Ok(()) => {}
+            Err(zmq::Error::ETERM) => break,
+            Err(e) => {
+                log::error!("worker {index}: receive failed, stopping: {e}");
+                break;
+            }
+        }
+        if frames.len() == 1 && &frames[0][..] == internal::STOP {
+            break;
+        }
+        if frames.len() < 2 {
+            log::error!("worker {index}: malformed message from the coordinator ignored");
+            continue;
+        }
+        let ticket = frames.remove(0);
+
+        let started = Instant::now();
+        activity.begin(index);
+        metrics.workers_busy.inc();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            handler.handle(std::mem::take(&mut frames))
+        }));
+        metrics.workers_busy.dec();
+        activity.end(index);
+        metrics.add_busy(started.elapsed().as_secs_f64());
+
+        let sent = match result {
+            Ok(Ok(mut reply)) => {
+                let status = [ticket, Message::from(STATUS_OK)];
+                let sent = send_frames(&socket, status.into_iter().chain(reply.drain(..)), 0);
+                frames = reply;
+                sent
+            }
+            Ok(Err(HandlerError { code, message })) => send_error(&socket, ticket, code, &message),
+            Err(panic) => send_error(
+                &socket,
+                ticket,
+                ErrorCode::HandlerFailed,
+                &format!("handler panicked: {}", panic_message(&panic)),
+            ),
+        };
+        match sent {
+            Ok(()) => {}
+            Err(zmq::Error::ETERM) => break,
+            Err(e) => {
+                log::error!("worker {index}: cannot return a reply, stopping: {e}");
+                break;
+            }
+        }
+    }
+    log::debug!("worker {index}: stopped");
+}
+
+fn send_error(
+    socket: &zmq::Socket,
+    ticket: Message,
+    code: ErrorCode,
+    message: &str,
+) -> zmq::Result<()> {
+    let frames = [
+        ticket,
+        Message::from(STATUS_ERR),
+        Message::from(code.as_str()),
+        Message::from(message),
+    ];
+    send_frames(socket, frames, 0)
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
