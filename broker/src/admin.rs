@@ -1,33 +1,206 @@
-//! Admin HTTP server (placeholder until the operability work lands).
+//! The admin HTTP server: `/metrics`, `/livez` (alias `/healthz`) and `/readyz`, served by hyper
+//! on its own named thread with a current-thread runtime, apart from the ZeroMQ data path. It
+//! keeps answering through the drain; a slow or malformed client is cut off by timeouts and a
+//! connection cap and cannot stall it.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use shared::Metrics;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::lifecycle::Status;
 
+/// A client gets this long to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer than this, keep-alive included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+/// The Prometheus text exposition format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// Starting the admin server failed.
 #[derive(Debug, thiserror::Error)]
-#[error("admin server on {addr}: {source}")]
-pub struct Error {
-    addr: SocketAddr,
-    source: std::io::Error,
+pub enum Error {
+    /// The address could not be bound.
+    #[error("cannot bind admin address {addr}: {source}")]
+    Bind {
+        /// `--admin`.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The thread or its runtime could not start.
+    #[error("cannot start the admin thread: {0}")]
+    Start(std::io::Error),
 }
 
-/// The running admin server.
-pub struct Admin;
+/// The running admin server; [`Admin::stop`] ends and joins it.
+pub struct Admin {
+    shutdown: oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+    addr: SocketAddr,
+}
 
 impl Admin {
-    /// Starts the admin server.
+    /// Binds `addr` now (so a taken port fails start-up) and serves on the `admin` thread.
     pub fn spawn(
-        _addr: SocketAddr,
-        _status: Arc<Status>,
-        _metrics: Arc<Metrics>,
+        addr: SocketAddr,
+        status: Arc<Status>,
+        metrics: Arc<Metrics>,
     ) -> Result<Admin, Error> {
-        Ok(Admin)
+        let bind_error = |source| Error::Bind { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::Start)?;
+        let (shutdown, stop) = oneshot::channel();
+        let thread = thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                let state = Arc::new(AdminState { status, metrics });
+                if let Err(e) = runtime.block_on(serve(listener, state, stop)) {
+                    log::error!("admin server failed: {e}");
+                }
+            })
+            .map_err(Error::Start)?;
+        log::info!("admin server on http://{addr}");
+        Ok(Admin {
+            shutdown,
+            thread,
+            addr,
+        })
     }
 
-    /// Stops and joins it.
-    pub fn stop(self) {}
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, drops open connections and joins the thread.
+    pub fn stop(self) {
+        let _ = self.shutdown.send(());
+        if self.thread.join().is_err() {
+            log::error!("admin thread panicked");
+        }
+    }
+}
+
+struct AdminState {
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+    mut stop: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                // Out of fds and the like: keep serving the connections we have.
+                Err(e) => {
+                    log::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            continue; // dropping the stream closes it
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let known = matches!(path, "/metrics" | "/livez" | "/healthz" | "/readyz");
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match path {
+        "/metrics" => metrics(state),
+        "/readyz" if state.status.ready() => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", state.status.state()),
+        ),
+        _ => match state.status.live() {
+            Ok(()) => text(StatusCode::OK, "live\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not live: {why}\n"),
+            ),
+        },
+    }
+}
+
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    state
+        .metrics
+        .workers_stuck
+        .set(state.status.stuck_workers() as i64);
+    match state.metrics.encode() {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            response
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }

@@ -253,7 +253,7 @@ impl Coordinator {
                 .fold(self.heartbeat, Duration::min);
             let (signal, backend, front) = self.poll(wake)?;
             if signal {
-                while let Some(sig) = self.signals.next()? {
+                while let Some(sig) = self.signals.pending()? {
                     if self.status.state() >= State::Stopping {
                         log::warn!("second {sig} during shutdown: exiting now");
                         // Nothing may wait on the way out: drop queued replies.

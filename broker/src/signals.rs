@@ -32,7 +32,7 @@ impl Signals {
     }
 
     /// The next pending stop signal, if any.
-    pub fn next(&mut self) -> Result<Option<Signal>, Error> {
+    pub fn pending(&mut self) -> Result<Option<Signal>, Error> {
         loop {
             match self.fd.read_signal() {
                 Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {

@@ -221,3 +221,80 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::socket::recv_frames;
+
+    struct Panicky;
+
+    impl Handler for Panicky {
+        fn handle(&mut self, request: Vec<Frame>) -> Result<Vec<Frame>, HandlerError> {
+            match &request[0][..] {
+                b"panic" => panic!("asked to"),
+                b"refuse" => Err(HandlerError::bad_request("refused")),
+                _ => Ok(request),
+            }
+        }
+    }
+
+    fn exchange(router: &zmq::Socket, id: &[u8], body: &[u8]) -> Vec<Vec<u8>> {
+        let ticket = internal::Ticket {
+            slot: 1,
+            generation: 2,
+        }
+        .to_bytes();
+        router
+            .send_multipart([id, &ticket[..], body], 0)
+            .expect("dispatch");
+        let mut frames = Vec::new();
+        recv_frames(router, 0, &mut frames).expect("reply");
+        assert_eq!(&frames[1][..], &ticket[..], "ticket comes back");
+        frames[2..].iter().map(|f| f.to_vec()).collect()
+    }
+
+    #[test]
+    fn a_panicking_handler_answers_handler_failed_and_keeps_serving() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).expect("router");
+        router.bind("inproc://pool-test").expect("bind");
+        let metrics = Arc::new(Metrics::new("test").expect("metrics"));
+        let activity = Arc::new(Activity::new(1));
+        // Keep the test output clean of the expected panic message.
+        std::panic::set_hook(Box::new(|_| {}));
+        let worker = Worker::spawn(
+            &ctx,
+            "inproc://pool-test",
+            0,
+            Box::new(Panicky),
+            metrics,
+            activity,
+        )
+        .expect("spawn");
+        let ready = router.recv_multipart(0).expect("READY");
+        let id = internal::worker_id(0);
+        assert_eq!(ready, [id.to_vec(), internal::READY.to_vec()]);
+
+        let reply = exchange(&router, &id, b"panic");
+        assert_eq!(&reply[..2], [b"ERR".to_vec(), b"handler_failed".to_vec()]);
+        assert!(String::from_utf8_lossy(&reply[2]).contains("asked to"));
+        let reply = exchange(&router, &id, b"refuse");
+        assert_eq!(
+            reply,
+            [
+                b"ERR".to_vec(),
+                b"bad_request".to_vec(),
+                b"refused".to_vec()
+            ]
+        );
+        let reply = exchange(&router, &id, b"hello");
+        assert_eq!(reply, [b"OK".to_vec(), b"hello".to_vec()]);
+
+        router
+            .send_multipart([&id[..], internal::STOP], 0)
+            .expect("stop");
+        worker.thread.join().expect("worker exits after STOP");
+        let _ = std::panic::take_hook();
+    }
+}

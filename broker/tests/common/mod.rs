@@ -51,8 +51,13 @@ impl Broker {
             .parse()
             .expect("admin address");
         let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
+        if !args.contains(&"--frontend") {
+            command.args(["--frontend", &front]);
+        }
+        if !args.contains(&"--admin") {
+            command.args(["--admin", &admin.to_string()]);
+        }
         command
-            .args(["--frontend", &front, "--admin", &admin.to_string()])
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
