@@ -57,6 +57,8 @@ pub struct Cli {
 pub enum Command {
     /// Health-check a running broker (for exec probes): exit 0 on a reply, 1 otherwise.
     Probe(ProbeArgs),
+    /// Load a running broker and report throughput and latency.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Which built-in handler the workers run.

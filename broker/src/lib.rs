@@ -3,6 +3,7 @@
 //! up logging and signals, and maps the result to an exit code.
 
 pub mod admin;
+pub mod bench;
 pub mod config;
 pub mod coordinator;
 pub mod lifecycle;

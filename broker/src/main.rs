@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Probe(args)) => broker::probe::run(&args),
+        Some(Command::Bench(args)) => bench(&args),
         None => serve(cli.serve),
     }
 }
@@ -46,6 +47,32 @@ fn serve(args: broker::config::ServeArgs) -> ExitCode {
         Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),
         Err(e) => {
             log::error!("fatal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &broker::bench::BenchArgs) -> ExitCode {
+    match broker::bench::run(args) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            // Lost or wrong replies are a failed run for scripts.
+            if report.lost > 0 || report.mismatched > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(broker::bench::Error::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
             ExitCode::FAILURE
         }
     }

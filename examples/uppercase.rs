@@ -1,0 +1,64 @@
+//! A broker with your own handler: replies with each body frame upper-cased, and refuses
+//! frames that are not UTF-8 with `ERR bad_request`.
+//!
+//! ```sh
+//! cargo run --release --example uppercase -- --frontend tcp://127.0.0.1:5555 --admin 127.0.0.1:8000
+//! ```
+//! Every broker flag works here; `--handler` is ignored since this binary picks the handler.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use broker::config::{Cli, Config};
+use broker::{Broker, Exit, Signals};
+use clap::Parser;
+use worker::{Frame, Handler, HandlerError, MakeHandler};
+
+/// One per worker thread: state here needs no lock.
+struct Uppercase {
+    served: u64,
+}
+
+impl Handler for Uppercase {
+    fn handle(&mut self, request: Vec<Frame>) -> Result<Vec<Frame>, HandlerError> {
+        self.served += 1;
+        request
+            .iter()
+            .map(|frame| match std::str::from_utf8(frame) {
+                Ok(text) => Ok(Frame::from(text.to_uppercase().as_str())),
+                Err(_) => Err(HandlerError::bad_request("frames must be UTF-8 text")),
+            })
+            .collect()
+    }
+}
+
+fn main() -> ExitCode {
+    let config = match Config::from_args(Cli::parse().serve) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = shared::logging::init(config.log_level, config.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    // Before any thread starts.
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let make: Arc<dyn MakeHandler> = Arc::new(|_worker| Box::new(Uppercase { served: 0 }) as Box<dyn Handler>);
+    match Broker::new(config, make).run(signals) {
+        Ok(Exit::Drained { .. }) => ExitCode::SUCCESS,
+        Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),
+        Err(e) => {
+            log::error!("fatal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
