@@ -52,7 +52,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let make: Arc<dyn MakeHandler> = Arc::new(|_worker| Box::new(Uppercase { served: 0 }) as Box<dyn Handler>);
+    let make: Arc<dyn MakeHandler> =
+        Arc::new(|_worker| Box::new(Uppercase { served: 0 }) as Box<dyn Handler>);
     match Broker::new(config, make).run(signals) {
         Ok(Exit::Drained { .. }) => ExitCode::SUCCESS,
         Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),

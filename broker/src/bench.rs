@@ -173,9 +173,11 @@ pub fn run(args: &BenchArgs) -> Result<Report, Error> {
         return Err(Error::Usage("--size must be at least 8".into()));
     }
     if args.clients == 0 || args.window == 0 || args.threads == 0 {
-        return Err(Error::Usage("--clients, --window and --threads must be at least 1".into()));
+        return Err(Error::Usage(
+            "--clients, --window and --threads must be at least 1".into(),
+        ));
     }
-    if args.rate.is_some_and(|r| !(r > 0.0)) {
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err(Error::Usage("--rate must be more than 0".into()));
     }
     let endpoints = resolve(&args.endpoints)?;
@@ -246,10 +248,17 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 fn connect(ctx: &zmq::Context, endpoints: &[String], _id: usize) -> Result<zmq::Socket, Error> {
-    let socket = ctx.socket(zmq::DEALER).map_err(|e| Error::Zmq("socket", e))?;
+    let socket = ctx
+        .socket(zmq::DEALER)
+        .map_err(|e| Error::Zmq("socket", e))?;
     socket.set_linger(0).map_err(|e| Error::Zmq("linger", e))?;
     socket.set_sndhwm(0).map_err(|e| Error::Zmq("sndhwm", e))?;
     socket.set_rcvhwm(0).map_err(|e| Error::Zmq("rcvhwm", e))?;
+    // Queue only to peers that are connected: an address that does not answer (a pod being
+    // replaced, ::1 with nothing on it) must not swallow requests.
+    socket
+        .set_immediate(true)
+        .map_err(|e| Error::Zmq("immediate", e))?;
     for endpoint in endpoints {
         socket
             .connect(endpoint)
@@ -293,9 +302,9 @@ fn drive(
             seq: 0,
             // Stagger open-loop clients across one interval.
             next_send: started
-                + plan
-                    .interval
-                    .map_or(Duration::ZERO, |iv| iv.mul_f64(i as f64 / plan.window.max(1) as f64 / 4.0)),
+                + plan.interval.map_or(Duration::ZERO, |iv| {
+                    iv.mul_f64(i as f64 / plan.window.max(1) as f64 / 4.0)
+                }),
         })
         .collect();
     let mut report = Report {
@@ -315,7 +324,7 @@ fn drive(
     loop {
         let now = Instant::now();
         if sending {
-            let budget_left = plan.requests.map_or(true, |n| report.sent < n);
+            let budget_left = plan.requests.is_none_or(|n| report.sent < n);
             if !budget_left || (plan.requests.is_none() && now >= plan.deadline) {
                 sending = false;
                 report.elapsed = now - started;
@@ -331,9 +340,10 @@ fn drive(
         }
         // Send what the window (closed loop) or the schedule (open loop) allows.
         let mut next_due: Option<Instant> = None;
+        let mut blocked = false;
         if sending {
             for client in clients.iter_mut() {
-                while plan.requests.map_or(true, |n| report.sent < n) {
+                while plan.requests.is_none_or(|n| report.sent < n) {
                     let intended = match plan.interval {
                         Some(_) if client.next_send > now => {
                             let due = client.next_send;
@@ -347,10 +357,16 @@ fn drive(
                     client.seq = client.seq.wrapping_add(1);
                     let id = (u64::from(slot) << 32) | u64::from(client.seq);
                     body[..8].copy_from_slice(&id.to_le_bytes());
-                    client
-                        .socket
-                        .send(&body[..], zmq::DONTWAIT)
-                        .map_err(|e| Error::Zmq("send", e))?;
+                    match client.socket.send(&body[..], zmq::DONTWAIT) {
+                        Ok(()) => {}
+                        // Not connected yet (ZMQ_IMMEDIATE): try again after a short wait.
+                        Err(zmq::Error::EAGAIN) => {
+                            client.free.push(slot);
+                            blocked = true;
+                            break;
+                        }
+                        Err(e) => return Err(Error::Zmq("send", e)),
+                    }
                     client.slots[slot as usize] = Some((client.seq, intended));
                     report.sent += 1;
                     outstanding += 1;
@@ -362,6 +378,7 @@ fn drive(
         }
         // Wait for replies, or until the next scheduled send.
         let wait = match (sending, next_due, drain_deadline) {
+            _ if blocked => Duration::from_millis(1),
             (true, Some(due), _) => due.saturating_duration_since(Instant::now()),
             (true, None, _) => Duration::from_millis(100),
             (false, _, Some(d)) => d.saturating_duration_since(Instant::now()),
@@ -443,7 +460,11 @@ fn check_reply(frames: &[Vec<u8>], client: &mut ClientState, verify: bool, size:
                 .and_then(|c| ErrorCode::from_bytes(c))
                 .map_or_else(|| "malformed".to_owned(), |c| c.as_str().to_owned());
             let freed = free_oldest(client);
-            return if freed { Checked::Err(code) } else { Checked::Mismatch(false) };
+            return if freed {
+                Checked::Err(code)
+            } else {
+                Checked::Mismatch(false)
+            };
         }
         _ => return Checked::Mismatch(false),
     }
