@@ -24,6 +24,10 @@ use crate::signals::{self, Signals};
 /// Messages read from one socket before looking at the others, so a flood on the front
 /// cannot starve replies coming back from the workers.
 const BATCH: usize = 256;
+/// Once nothing is in flight, the drain still answers `ERR draining` until the front has been
+/// quiet this long: a client in a request loop learns it must go elsewhere instead of having
+/// its next request, already on the wire, dropped unread when the socket closes.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// How long shutdown waits for a worker that has not said READY yet.
 const READY_GRACE: Duration = Duration::from_secs(1);
 
@@ -183,6 +187,11 @@ pub struct Coordinator {
     workers: Vec<WorkerState>,
     idle: Vec<u32>,
     frames: Vec<Message>,
+    /// Lifetime totals, logged at exit: every request read must have been answered.
+    read: u64,
+    answered: u64,
+    undeliverable: u64,
+    last_read: Instant,
 }
 
 impl Coordinator {
@@ -215,6 +224,10 @@ impl Coordinator {
             workers,
             threads,
             frames: Vec::with_capacity(8),
+            read: 0,
+            answered: 0,
+            undeliverable: 0,
+            last_read: Instant::now(),
         }
     }
 
@@ -236,17 +249,22 @@ impl Coordinator {
                     self.drain_timeout
                 );
             }
+            let mut quiet_at = None;
             if let Some(deadline) = drain_deadline {
-                if self.table.len == 0 {
-                    break;
-                }
                 if now >= deadline {
                     self.expire();
                     break;
                 }
+                if self.table.len == 0 {
+                    let quiet = self.last_read + DRAIN_QUIET;
+                    if now >= quiet {
+                        break;
+                    }
+                    quiet_at = Some(quiet);
+                }
             }
 
-            let wake = [stop_at, drain_deadline]
+            let wake = [stop_at, drain_deadline, quiet_at]
                 .into_iter()
                 .flatten()
                 .map(|at| at.saturating_duration_since(now))
@@ -277,6 +295,12 @@ impl Coordinator {
             }
         }
         self.status.set(State::Stopped);
+        log::info!(
+            "read {} requests, answered {} ({} replies undeliverable: client gone or not reading)",
+            self.read,
+            self.answered,
+            self.undeliverable
+        );
         let abandoned = self.stop_workers();
         Ok(Exit::Drained { abandoned })
     }
@@ -321,6 +345,8 @@ impl Coordinator {
         let Some(envelope) = envelope_len(frames) else {
             return;
         };
+        self.read += 1;
+        self.last_read = Instant::now();
         let delimiter = envelope == 2;
         let body = &frames[envelope..];
         let size: usize = body.iter().map(|f| f.len()).sum();
@@ -501,6 +527,7 @@ impl Coordinator {
         // With ROUTER_MANDATORY the first frame decides: EHOSTUNREACH for an unknown peer,
         // EAGAIN at the peer's high-water mark. Once it is accepted the rest of the message
         // is too (the pipe counts whole messages).
+        self.answered += 1;
         let first = send_one(&self.front, client, zmq::DONTWAIT | zmq::SNDMORE);
         let reason = match first {
             Ok(()) => None,
@@ -512,6 +539,7 @@ impl Coordinator {
             }
         };
         if let Some(reason) = reason {
+            self.undeliverable += 1;
             self.metrics.count_drop(reason);
             return;
         }

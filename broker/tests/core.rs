@@ -85,6 +85,7 @@ fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
     for client in inflight.iter().chain([&chatty]) {
         assert_eq!(client.try_recv(Duration::from_millis(50)), None);
     }
+    common::assert_all_answered(&broker);
     let log = broker.log_text();
     for transition in [
         "serving -> stopping",
@@ -146,6 +147,7 @@ fn drain_deadline_times_out_running_requests() {
     assert!(status.success(), "exit status {status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     broker.wait_for_log("1 workers left behind", EVENT_TIMEOUT);
+    common::assert_all_answered(&broker);
 }
 
 #[test]

@@ -46,17 +46,25 @@ impl Broker {
 
     /// Starts the broker with `args` and `env` on free ports without waiting.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Broker {
-        let front = format!("tcp://127.0.0.1:{}", free_port());
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("admin address");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
+        let (front, admin) = (free_port(), free_port());
+        let mut full: Vec<String> = Vec::new();
         if !args.contains(&"--frontend") {
-            command.args(["--frontend", &front]);
+            full.extend(["--frontend".into(), format!("tcp://127.0.0.1:{front}")]);
         }
         if !args.contains(&"--admin") {
-            command.args(["--admin", &admin.to_string()]);
+            full.extend(["--admin".into(), format!("127.0.0.1:{admin}")]);
         }
+        full.extend(args.iter().map(|a| a.to_string()));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        Broker::spawn_exact(&full, env, front, admin)
+    }
+
+    /// Starts the broker with exactly `args` and `env`; `front` and `admin` are the ports
+    /// they make it listen on (for the helpers).
+    pub fn spawn_exact(args: &[&str], env: &[(&str, &str)], front: u16, admin: u16) -> Broker {
+        let front = format!("tcp://127.0.0.1:{front}");
+        let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("admin address");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
         command
             .args(args)
             .envs(env.iter().copied())
@@ -294,4 +302,28 @@ pub fn ok(reply: Reply<Vec<u8>>) -> Vec<Vec<u8>> {
         Reply::Ok(frames) => frames,
         Reply::Err { code, message } => panic!("expected OK, got ERR {code} {message}"),
     }
+}
+
+/// After a clean exit: the broker's own tally says every request it read was answered.
+pub fn assert_all_answered(broker: &Broker) {
+    let line = broker.wait_for_log("requests, answered", EVENT_TIMEOUT);
+    // "... read R requests, answered A (...": the two numbers after "read ".
+    let tally = &line[line.find("read ").expect("tally")..];
+    let tail: Vec<u64> = tally
+        .split_whitespace()
+        .filter_map(|w| w.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .take(2)
+        .collect();
+    assert_eq!(tail[0], tail[1], "read vs answered: {line}");
+}
+
+/// `broker_requests_total{outcome="ok"}` from a scrape (a plain read, for waiting on progress).
+pub fn ok_count(broker: &Broker) -> u64 {
+    broker
+        .http_get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("broker_requests_total{outcome=\"ok\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

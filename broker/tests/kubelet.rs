@@ -1,0 +1,404 @@
+//! Kubelet conformance: reads the Deployment that `kubectl kustomize deploy/overlays/production`
+//! renders, starts the real binary with exactly its args and env, polls its probes as a kubelet
+//! would (paths, ports, periods, timeouts, thresholds), and checks the pod contract: started
+//! within the startup budget; on SIGTERM under load, unready by the next readiness probe while
+//! requests are still served; exit 0 well before terminationGracePeriodSeconds with every
+//! request answered. A change to a probe, a port or a timing that breaks the contract fails here.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{free_port, Broker, Client, EVENT_TIMEOUT};
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+use serde_yaml::Value;
+use shared::protocol::Reply;
+use shared::ErrorCode;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn kubectl() -> PathBuf {
+    let venv = repo().join("target/tools/venv/bin/kubectl");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("kubectl")
+    }
+}
+
+fn rendered_deployment(overlay: &str) -> Value {
+    let output = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(repo().join("deploy/overlays").join(overlay))
+        .output()
+        .expect("kubectl runs (scripts/setup installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("utf8");
+    let deployment = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("yaml"))
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment");
+    deployment
+}
+
+fn secs(value: &Value, default: u64) -> Duration {
+    Duration::from_secs(value.as_u64().unwrap_or(default))
+}
+
+/// Kubernetes CPU quantity in millicores ("2", "500m").
+fn millicores(quantity: &Value) -> u64 {
+    let text = match quantity {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("cpu quantity {other:?}"),
+    };
+    match text.strip_suffix('m') {
+        Some(m) => m.parse().expect("millicores"),
+        None => (text.parse::<f64>().expect("cores") * 1000.0) as u64,
+    }
+}
+
+#[derive(Debug)]
+enum Action {
+    Http { path: String, port: u16 },
+    Exec(Vec<String>),
+}
+
+/// A probe as declared, with its port remapped to where the test runs the binary.
+#[derive(Debug)]
+struct Probe {
+    action: Action,
+    initial_delay: Duration,
+    period: Duration,
+    timeout: Duration,
+    failure_threshold: u64,
+}
+
+impl Probe {
+    fn parse(spec: &Value, ports: &HashMap<String, u16>, remap: &HashMap<u16, u16>) -> Probe {
+        let action = if let Some(http) = spec.get("httpGet") {
+            let port = match &http["port"] {
+                Value::String(name) => *ports
+                    .get(name)
+                    .unwrap_or_else(|| panic!("no port named {name}")),
+                Value::Number(n) => n.as_u64().expect("port") as u16,
+                other => panic!("probe port {other:?}"),
+            };
+            Action::Http {
+                path: http["path"].as_str().unwrap_or("/").to_owned(),
+                port: *remap
+                    .get(&port)
+                    .unwrap_or_else(|| panic!("probe port {port} is not a container port")),
+            }
+        } else if let Some(exec) = spec.get("exec") {
+            let mut argv: Vec<String> = exec["command"]
+                .as_sequence()
+                .expect("exec command")
+                .iter()
+                .map(|a| a.as_str().expect("string arg").to_owned())
+                .collect();
+            assert_eq!(
+                argv[0], "broker",
+                "the image has only the broker binary (no shell)"
+            );
+            argv[0] = env!("CARGO_BIN_EXE_broker").to_owned();
+            for arg in argv.iter_mut() {
+                for (from, to) in remap {
+                    *arg = arg.replace(&format!(":{from}"), &format!(":{to}"));
+                }
+            }
+            Action::Exec(argv)
+        } else {
+            panic!("unsupported probe {spec:?}")
+        };
+        Probe {
+            action,
+            initial_delay: secs(&spec["initialDelaySeconds"], 0),
+            period: secs(&spec["periodSeconds"], 10),
+            timeout: secs(&spec["timeoutSeconds"], 1),
+            failure_threshold: spec["failureThreshold"].as_u64().unwrap_or(3),
+        }
+    }
+
+    /// One probe, kubelet semantics: HTTP 200-399 within the timeout, or exit 0.
+    fn run(&self) -> bool {
+        match &self.action {
+            Action::Http { path, port } => http_ok(*port, path, self.timeout),
+            Action::Exec(argv) => {
+                let mut child = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("exec probe starts");
+                let deadline = Instant::now() + self.timeout;
+                loop {
+                    if let Some(status) = child.try_wait().expect("wait") {
+                        return status.success();
+                    }
+                    if Instant::now() >= deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return false;
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+}
+
+fn http_ok(port: u16, path: &str, timeout: Duration) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    if write!(stream, "GET {path} HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 64];
+    let Ok(n) = stream.read(&mut head) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&head[..n]);
+    matches!(
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok()),
+        Some(200..=399)
+    )
+}
+
+fn port_of(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {endpoint}"))
+}
+
+#[test]
+fn production_deployment_contract_holds_for_the_real_binary() {
+    let deployment = rendered_deployment("production");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let grace = secs(&pod["terminationGracePeriodSeconds"], 30);
+
+    let ports: HashMap<String, u16> = container["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().expect("named port").to_owned(),
+                p["containerPort"].as_u64().expect("port") as u16,
+            )
+        })
+        .collect();
+    let mut env: HashMap<String, String> = HashMap::new();
+    for var in container["env"].as_sequence().expect("env") {
+        let name = var["name"].as_str().expect("env name").to_owned();
+        let value = if let Some(v) = var.get("value") {
+            v.as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| serde_yaml::to_string(v).expect("value").trim().to_owned())
+        } else {
+            let field = &var["valueFrom"]["resourceFieldRef"];
+            assert_eq!(
+                field["resource"], "limits.cpu",
+                "only the CPU limit is read from resources"
+            );
+            let limit = millicores(&container["resources"]["limits"]["cpu"]);
+            let divisor = millicores(&field["divisor"]).max(1);
+            // The kubelet rounds up, and never below 1.
+            limit.div_ceil(divisor).max(1).to_string()
+        };
+        env.insert(name, value);
+    }
+
+    // The ports the binary binds must be the ports the manifest declares and probes.
+    let front = env.get("BROKER_FRONTEND").expect("BROKER_FRONTEND set");
+    let admin = env.get("BROKER_ADMIN").expect("BROKER_ADMIN set");
+    assert_eq!(
+        port_of(front),
+        ports["zmq"],
+        "BROKER_FRONTEND port vs containerPort zmq"
+    );
+    assert_eq!(
+        port_of(admin),
+        ports["admin"],
+        "BROKER_ADMIN port vs containerPort admin"
+    );
+    let workers: usize = env["BROKER_WORKERS"].parse().expect("workers");
+    assert!(workers >= 1);
+
+    // Timing contract: the drain fits in the grace period with room to spare.
+    let delay = humantime::parse_duration(&env["BROKER_SHUTDOWN_DELAY"]).expect("delay");
+    let drain = humantime::parse_duration(&env["BROKER_DRAIN_TIMEOUT"]).expect("drain");
+    assert!(
+        delay >= Duration::from_secs(2),
+        "a shutdown delay lets endpoints update first"
+    );
+    assert!(
+        delay + drain + Duration::from_secs(3) <= grace,
+        "delay {delay:?} + drain {drain:?} + margin > grace {grace:?}"
+    );
+
+    // Run where the test can: same ports by role, on loopback.
+    let (zmq_host, admin_host) = (free_port(), free_port());
+    let remap = HashMap::from([(ports["zmq"], zmq_host), (ports["admin"], admin_host)]);
+    env.insert(
+        "BROKER_FRONTEND".into(),
+        format!("tcp://127.0.0.1:{zmq_host}"),
+    );
+    env.insert("BROKER_ADMIN".into(), format!("127.0.0.1:{admin_host}"));
+    let startup = Probe::parse(&container["startupProbe"], &ports, &remap);
+    let readiness = Probe::parse(&container["readinessProbe"], &ports, &remap);
+    let liveness = Probe::parse(&container["livenessProbe"], &ports, &remap);
+    assert_eq!(
+        readiness.failure_threshold, 1,
+        "one failed readiness probe removes the endpoint"
+    );
+    assert!(
+        liveness.period * liveness.failure_threshold as u32 >= Duration::from_secs(20),
+        "liveness is tolerant"
+    );
+
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().expect("arg").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    // Flags and env both name the endpoints; the env (remapped above) is the manifest's choice,
+    // so the args must not override it.
+    assert!(!args.iter().any(|a| a == "--frontend" || a == "--admin"));
+    let env_pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut broker = Broker::spawn_exact(&arg_refs, &env_pairs, zmq_host, admin_host);
+
+    // Startup: probe on schedule until success, within the declared budget.
+    let started = Instant::now();
+    thread::sleep(startup.initial_delay);
+    let mut failures = 0;
+    while !startup.run() {
+        failures += 1;
+        assert!(
+            failures < startup.failure_threshold,
+            "startup probe failed {failures} times: the kubelet would kill the pod"
+        );
+        thread::sleep(startup.period);
+    }
+    eprintln!(
+        "started after {:?} ({failures} failed startup probes)",
+        started.elapsed()
+    );
+    assert!(readiness.run(), "ready once started");
+    assert!(liveness.run(), "live once started");
+
+    // Load: clients send until told the broker is draining.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok_after_term = Arc::new(AtomicU64::new(0));
+    let term_sent = Arc::new(AtomicBool::new(false));
+    let endpoint = format!("tcp://127.0.0.1:{zmq_host}");
+    let loaders: Vec<_> = (0..4)
+        .map(|_| {
+            let (endpoint, stop, ok_after_term, term_sent) = (
+                endpoint.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&ok_after_term),
+                Arc::clone(&term_sent),
+            );
+            thread::spawn(move || {
+                let client = Client::dealer(&endpoint, true);
+                let (mut sent, mut answered) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) && sent < 1_000_000 {
+                    client.send(&[b"kubelet"]);
+                    sent += 1;
+                    let Some(frames) = client.try_recv(EVENT_TIMEOUT) else {
+                        break;
+                    };
+                    answered += 1;
+                    match shared::protocol::parse_reply(frames).expect("well-formed") {
+                        Reply::Ok(_) if term_sent.load(Ordering::Relaxed) => {
+                            ok_after_term.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Reply::Ok(_) => {}
+                        Reply::Err {
+                            code: ErrorCode::Draining,
+                            ..
+                        } => break,
+                        Reply::Err { code, message } => panic!("ERR {code} {message}"),
+                    }
+                    // Pace the load so probes and the coordinator share two cores fairly.
+                    thread::sleep(Duration::from_millis(1));
+                }
+                (sent, answered)
+            })
+        })
+        .collect();
+    // Let the load reach the broker before the signal.
+    common::eventually("load flowing", EVENT_TIMEOUT, || {
+        common::ok_count(&broker) >= 100
+    });
+
+    term_sent.store(true, Ordering::Relaxed);
+    let term = Instant::now();
+    broker.signal(Signal::SIGTERM);
+    // The kubelet's next readiness probe may come at any moment of its period, so the one
+    // right after the signal (the worst case) must already fail.
+    thread::sleep(Duration::from_millis(50));
+    assert!(!readiness.run(), "readiness still passing after SIGTERM");
+    assert!(
+        term.elapsed() <= readiness.period,
+        "first readiness probe after SIGTERM fell within one period"
+    );
+    // Liveness keeps passing until exit; requests are still served during the delay.
+    while term.elapsed() < delay.saturating_sub(Duration::from_millis(500)) {
+        assert!(liveness.run(), "liveness failed during the shutdown delay");
+        thread::sleep(liveness.period.min(Duration::from_millis(500)));
+    }
+    assert!(
+        ok_after_term.load(Ordering::Relaxed) > 0,
+        "no request served after SIGTERM (during the delay)"
+    );
+
+    let status = broker.wait_exit(grace);
+    let took = term.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert!(status.success(), "exit {status:?}");
+    assert!(
+        took + Duration::from_secs(5) < grace,
+        "exit took {took:?}, grace {grace:?}"
+    );
+    let (mut sent, mut answered) = (0, 0);
+    for loader in loaders {
+        let (s, a) = loader.join().expect("loader");
+        sent += s;
+        answered += a;
+    }
+    assert_eq!(sent, answered, "every request got exactly one reply");
+    common::assert_all_answered(&broker);
+    eprintln!(
+        "SIGTERM to exit {took:?} (grace {grace:?}); {sent} requests, {} OK after SIGTERM",
+        ok_after_term.load(Ordering::Relaxed)
+    );
+}
