@@ -176,10 +176,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
-    state
-        .metrics
-        .workers_stuck
-        .set(state.status.stuck_workers() as i64);
+    state.metrics.set_stuck(state.status.stuck_workers());
     match state.metrics.encode() {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));

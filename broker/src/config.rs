@@ -146,6 +146,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "BROKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormatArg,
+    /// Skip per-request metric updates (only to measure their cost; breaks autoscaling).
+    #[arg(long, env = "BROKER_NO_METRICS", hide = true)]
+    pub no_metrics: bool,
 }
 
 /// Flags of `broker probe`.
@@ -228,6 +231,8 @@ pub struct Config {
     pub log_level: LevelFilter,
     /// Log format.
     pub log_format: LogFormat,
+    /// Per-request metric updates on.
+    pub metrics: bool,
 }
 
 impl Config {
@@ -266,6 +271,7 @@ impl Config {
             shutdown_delay: args.shutdown_delay,
             drain_timeout: args.drain_timeout,
             stuck_after: args.stuck_after,
+            metrics: !args.no_metrics,
             flush_linger: defaults::FLUSH_LINGER,
             log_level: match args.log_level {
                 LogLevelArg::Off => LevelFilter::Off,

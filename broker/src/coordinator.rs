@@ -283,7 +283,7 @@ impl Coordinator {
                         self.shutdown_delay
                     );
                     self.status.set(State::Stopping);
-                    self.metrics.draining.set(1);
+                    self.metrics.set_draining();
                     stop_at = Some(Instant::now() + self.shutdown_delay);
                 }
             }
@@ -350,7 +350,7 @@ impl Coordinator {
         let delimiter = envelope == 2;
         let body = &frames[envelope..];
         let size: usize = body.iter().map(|f| f.len()).sum();
-        self.metrics.received_bytes.inc_by(size as u64);
+        self.metrics.request_read(size);
 
         let verdict = classify(body, self.max_message_bytes);
         let mut parts = frames.drain(..);
@@ -363,7 +363,7 @@ impl Coordinator {
         let state = self.status.state();
         match verdict {
             Ok(RequestKind::Health) => {
-                self.metrics.health_checks.inc();
+                self.metrics.health_check();
                 let reply = [Message::from(STATUS_OK), Message::from(state.as_str())];
                 self.send_reply(client, delimiter, reply);
             }
@@ -388,11 +388,11 @@ impl Coordinator {
                     worker,
                 };
                 let ticket = self.table.insert(entry);
-                self.metrics.inflight.set(self.table.len as i64);
+                self.metrics.set_inflight(self.table.len);
                 match worker {
                     Some(w) => {
                         self.workers[w as usize] = WorkerState::Busy(ticket.slot);
-                        self.metrics.queue_wait.observe(0.0);
+                        self.metrics.picked_up(Duration::ZERO);
                         self.dispatch(w, ticket, parts);
                     }
                     None => self.pending.push_back(ticket),
@@ -431,9 +431,7 @@ impl Coordinator {
             };
             entry.worker = Some(w);
             let body = std::mem::take(&mut entry.queued);
-            self.metrics
-                .queue_wait
-                .observe(entry.received.elapsed().as_secs_f64());
+            self.metrics.picked_up(entry.received.elapsed());
             self.workers[w as usize] = WorkerState::Busy(ticket.slot);
             self.dispatch(w, ticket, body.into_iter());
             return;
@@ -488,7 +486,7 @@ impl Coordinator {
             return;
         }
         if let Some(entry) = self.table.remove(ticket) {
-            self.metrics.inflight.set(self.table.len as i64);
+            self.metrics.set_inflight(self.table.len);
             let outcome = match frames.get(2).map(|f| &f[..]) {
                 Some(STATUS_OK) => None,
                 _ => frames
@@ -496,18 +494,16 @@ impl Coordinator {
                     .and_then(|code| ErrorCode::from_bytes(code))
                     .or(Some(ErrorCode::HandlerFailed)),
             };
-            self.metrics.count_reply(outcome);
             self.send_reply(entry.client, entry.delimiter, frames.drain(2..));
             self.metrics
-                .request_duration
-                .observe(entry.received.elapsed().as_secs_f64());
+                .replied(outcome, Some(entry.received.elapsed()));
         }
         self.next_for(w);
     }
 
     /// Answers a request that no worker will see.
     fn reject(&mut self, client: Message, delimiter: bool, code: ErrorCode) {
-        self.metrics.count_reply(Some(code));
+        self.metrics.replied(Some(code), None);
         let reply = [
             Message::from(STATUS_ERR),
             Message::from(code.as_str()),
@@ -560,7 +556,7 @@ impl Coordinator {
                 break;
             }
         }
-        self.metrics.sent_bytes.inc_by(sent as u64);
+        self.metrics.reply_sent(sent);
     }
 
     /// At the drain deadline: every request still held gets `ERR timeout`; workers still in a
@@ -574,7 +570,6 @@ impl Coordinator {
                     abandoned += 1;
                 }
                 timed_out += 1;
-                self.metrics.count_reply(Some(ErrorCode::Timeout));
                 let reply = [
                     Message::from(STATUS_ERR),
                     Message::from(ErrorCode::Timeout.as_str()),
@@ -582,12 +577,11 @@ impl Coordinator {
                 ];
                 self.send_reply(entry.client, entry.delimiter, reply);
                 self.metrics
-                    .request_duration
-                    .observe(entry.received.elapsed().as_secs_f64());
+                    .replied(Some(ErrorCode::Timeout), Some(entry.received.elapsed()));
             }
         }
         self.pending.clear();
-        self.metrics.inflight.set(0);
+        self.metrics.set_inflight(0);
         log::warn!(
             "drain deadline reached: {timed_out} requests answered ERR timeout, \
              {abandoned} workers still inside their handler"

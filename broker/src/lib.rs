@@ -97,8 +97,10 @@ impl Broker {
     /// `signals` must have been installed before any thread was started.
     pub fn run(self, signals: Signals) -> Result<Exit, Error> {
         let config = &self.config;
-        let metrics = Arc::new(Metrics::new(VERSION)?);
-        metrics.workers.set(config.workers as i64);
+        let mut metrics = Metrics::new(VERSION)?;
+        metrics.set_enabled(config.metrics);
+        metrics.set_workers(config.workers);
+        let metrics = Arc::new(metrics);
         let activity = Arc::new(Activity::new(config.workers));
         let status = Arc::new(Status::new(config.stuck_after, Arc::clone(&activity)));
 

@@ -2,6 +2,8 @@
 //! buckets, and one [`Metrics`] value on an explicit registry that the broker shares with its
 //! workers. Handles are resolved once here so the hot path touches only atomics.
 
+use std::time::Duration;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -57,35 +59,27 @@ pub enum DropReason {
     Hwm,
 }
 
-/// Every metric the broker exports, on its own registry.
+/// Every metric the broker exports, on its own registry. The hot path updates it through the
+/// methods below, each a few atomic operations; with [`Metrics::set_enabled`]`(false)` they do
+/// nothing (the benchmarks' metrics-off baseline).
 pub struct Metrics {
     registry: Registry,
+    enabled: bool,
     requests_ok: IntCounter,
     requests_err: [IntCounter; ErrorCode::ALL.len()],
     dropped_peer_gone: IntCounter,
     dropped_hwm: IntCounter,
-    /// Read from the front socket to reply sent.
-    pub request_duration: Histogram,
-    /// Read to picked up by a worker.
-    pub queue_wait: Histogram,
-    /// Requests read and not yet answered.
-    pub inflight: IntGauge,
-    /// Pool size.
-    pub workers: IntGauge,
-    /// Workers running a request now.
-    pub workers_busy: IntGauge,
-    /// Workers stuck on one request past `--stuck-after` (set when scraped).
-    pub workers_stuck: IntGauge,
-    /// Seconds spent in handlers. Counted in microseconds internally, see [`Metrics::add_busy`].
+    request_duration: Histogram,
+    queue_wait: Histogram,
+    inflight: IntGauge,
+    workers: IntGauge,
+    workers_busy: IntGauge,
+    workers_stuck: IntGauge,
     worker_busy_seconds: prometheus::Counter,
-    /// Request payload bytes.
-    pub received_bytes: IntCounter,
-    /// Reply payload bytes.
-    pub sent_bytes: IntCounter,
-    /// Health requests answered.
-    pub health_checks: IntCounter,
-    /// 1 from SIGTERM on.
-    pub draining: IntGauge,
+    received_bytes: IntCounter,
+    sent_bytes: IntCounter,
+    health_checks: IntCounter,
+    draining: IntGauge,
 }
 
 /// Registering metrics can fail only on a name clash, a programming error caught by tests.
@@ -119,6 +113,7 @@ impl Metrics {
         build_info.with_label_values(&[version]).set(1);
 
         let metrics = Metrics {
+            enabled: true,
             requests_ok: requests.with_label_values(&["ok"]),
             requests_err: ErrorCode::ALL.map(|code| requests.with_label_values(&[code.as_str()])),
             dropped_peer_gone: dropped.with_label_values(&["peer_gone"]),
@@ -179,16 +174,66 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Counts one reply sent with this outcome (`None` is `OK`).
+    /// Turns the per-request updates on or off (off only to measure what they cost).
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// A request body of `bytes` was read.
     #[inline]
-    pub fn count_reply(&self, outcome: Option<ErrorCode>) {
+    pub fn request_read(&self, bytes: usize) {
+        if self.enabled {
+            self.received_bytes.inc_by(bytes as u64);
+        }
+    }
+
+    /// A health request was answered.
+    #[inline]
+    pub fn health_check(&self) {
+        self.health_checks.inc();
+    }
+
+    /// Requests read and not yet answered.
+    #[inline]
+    pub fn set_inflight(&self, n: usize) {
+        if self.enabled {
+            self.inflight.set(n as i64);
+        }
+    }
+
+    /// A worker picked up a request that waited `wait` since it was read.
+    #[inline]
+    pub fn picked_up(&self, wait: Duration) {
+        if self.enabled {
+            self.queue_wait.observe(wait.as_secs_f64());
+        }
+    }
+
+    /// A request was answered with `outcome` (`None` is `OK`); `latency` is from read to
+    /// reply for requests that were admitted, `None` for those refused at once.
+    #[inline]
+    pub fn replied(&self, outcome: Option<ErrorCode>, latency: Option<Duration>) {
+        if !self.enabled {
+            return;
+        }
         match outcome {
             None => self.requests_ok.inc(),
             Some(code) => self.requests_err[code.index()].inc(),
         }
+        if let Some(latency) = latency {
+            self.request_duration.observe(latency.as_secs_f64());
+        }
     }
 
-    /// Counts one reply that could not be delivered.
+    /// A reply body of `bytes` left through the front socket.
+    #[inline]
+    pub fn reply_sent(&self, bytes: usize) {
+        if self.enabled {
+            self.sent_bytes.inc_by(bytes as u64);
+        }
+    }
+
+    /// A reply could not be delivered.
     #[inline]
     pub fn count_drop(&self, reason: DropReason) {
         match reason {
@@ -197,10 +242,36 @@ impl Metrics {
         }
     }
 
-    /// Adds time a worker spent in its handler.
+    /// A worker started running a request.
     #[inline]
-    pub fn add_busy(&self, seconds: f64) {
-        self.worker_busy_seconds.inc_by(seconds);
+    pub fn worker_started(&self) {
+        if self.enabled {
+            self.workers_busy.inc();
+        }
+    }
+
+    /// A worker finished a request after `busy` in its handler.
+    #[inline]
+    pub fn worker_finished(&self, busy: Duration) {
+        if self.enabled {
+            self.workers_busy.dec();
+            self.worker_busy_seconds.inc_by(busy.as_secs_f64());
+        }
+    }
+
+    /// Pool size.
+    pub fn set_workers(&self, n: usize) {
+        self.workers.set(n as i64);
+    }
+
+    /// Workers stuck past `--stuck-after` (computed at scrape time).
+    pub fn set_stuck(&self, n: usize) {
+        self.workers_stuck.set(n as i64);
+    }
+
+    /// The broker received its first stop signal.
+    pub fn set_draining(&self) {
+        self.draining.set(1);
     }
 
     /// The registry, to add application metrics next to the broker's.
@@ -223,8 +294,8 @@ mod tests {
     #[test]
     fn every_outcome_is_exported_from_the_start() {
         let metrics = Metrics::new("test").expect("metrics register");
-        metrics.count_reply(None);
-        metrics.count_reply(Some(ErrorCode::Timeout));
+        metrics.replied(None, Some(Duration::from_micros(30)));
+        metrics.replied(Some(ErrorCode::Timeout), None);
         metrics.count_drop(DropReason::Hwm);
         let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
         assert!(text.contains("broker_requests_total{outcome=\"ok\"} 1"));
@@ -233,6 +304,18 @@ mod tests {
         assert!(text.contains("broker_replies_dropped_total{reason=\"hwm\"} 1"));
         assert!(text.contains("broker_build_info{version=\"test\"} 1"));
         assert!(text.contains("broker_request_duration_seconds_bucket{le=\"0.000025\"} 0"));
+        assert!(text.contains("broker_request_duration_seconds_bucket{le=\"0.00005\"} 1"));
+    }
+
+    #[test]
+    fn disabled_metrics_skip_per_request_updates() {
+        let mut metrics = Metrics::new("test").expect("metrics register");
+        metrics.set_enabled(false);
+        metrics.replied(None, Some(Duration::from_micros(30)));
+        metrics.request_read(10);
+        let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
+        assert!(text.contains("broker_requests_total{outcome=\"ok\"} 0"));
+        assert!(text.contains("broker_received_bytes_total 0"));
     }
 
     #[test]

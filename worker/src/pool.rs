@@ -164,13 +164,12 @@ fn run(
 
         let started = Instant::now();
         activity.begin(index);
-        metrics.workers_busy.inc();
+        metrics.worker_started();
         let result = catch_unwind(AssertUnwindSafe(|| {
             handler.handle(std::mem::take(&mut frames))
         }));
-        metrics.workers_busy.dec();
         activity.end(index);
-        metrics.add_busy(started.elapsed().as_secs_f64());
+        metrics.worker_finished(started.elapsed());
 
         let sent = match result {
             Ok(Ok(mut reply)) => {
