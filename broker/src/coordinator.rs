@@ -4,17 +4,18 @@
 //! waits behind a slow request while another worker idles), returns replies, and runs the
 //! lifecycle from serving through the drain to joining the workers.
 
-use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use nix::sys::signal::Signal;
 use shared::metrics::DropReason;
 use shared::protocol::internal::{self, Ticket};
 use shared::protocol::{classify, envelope_len, RequestKind, STATUS_ERR, STATUS_OK};
 use shared::socket::{recv_frames, retry_eintr, send_frames, send_one};
 use shared::{ErrorCode, Metrics};
+use worker::{Activity, Job};
 use zmq::{Message, Socket};
 
 use crate::config::Config;
@@ -68,24 +69,22 @@ pub enum Exit {
 enum WorkerState {
     /// Has not said READY yet.
     Starting,
-    /// Free for work.
+    /// Free for work: blocked on its inproc socket, waiting for the coordinator.
     Idle,
-    /// Running the request in this slot.
-    Busy(u32),
-    /// Still inside a handler at the drain deadline; never waited on again.
+    /// Running requests: one handed to it, then any it takes from the shared queue. It says
+    /// READY again when the queue is empty.
+    Active,
+    /// Still inside a handler at the end of the drain; never waited on again.
     Abandoned,
     /// Sent STOP.
     Stopped,
 }
 
-/// One request read and not yet answered.
+/// One request read and not yet answered. Its body travels with it to a worker.
 struct Entry {
     client: Message,
     delimiter: bool,
     received: Instant,
-    /// The body while it waits for a worker; empty once dispatched.
-    queued: Vec<Message>,
-    worker: Option<u32>,
 }
 
 struct Slot {
@@ -136,14 +135,6 @@ impl Table {
         }
     }
 
-    fn get_mut(&mut self, ticket: Ticket) -> Option<&mut Entry> {
-        let s = self.slots.get_mut(ticket.slot as usize)?;
-        if s.generation != ticket.generation {
-            return None;
-        }
-        s.entry.as_mut()
-    }
-
     fn remove(&mut self, ticket: Ticket) -> Option<Entry> {
         let s = self.slots.get_mut(ticket.slot as usize)?;
         if s.generation != ticket.generation {
@@ -182,7 +173,10 @@ pub struct Coordinator {
     drain_timeout: Duration,
     heartbeat: Duration,
     table: Table,
-    pending: VecDeque<Ticket>,
+    /// Requests read while no worker was free; free workers take them directly.
+    queue: Sender<Job>,
+    dequeue: Receiver<Job>,
+    activity: Arc<Activity>,
     threads: Vec<worker::Worker>,
     workers: Vec<WorkerState>,
     idle: Vec<u32>,
@@ -195,14 +189,17 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator for bound `front` and `backend` sockets and the workers connected to
-    /// `backend`.
+    /// A coordinator for bound `front` and `backend` sockets, the workers connected to
+    /// `backend` and the shared queue they take from.
+    #[allow(clippy::too_many_arguments)] // one call site, each argument a distinct resource
     pub fn new(
         config: &Config,
         front: Socket,
         backend: Socket,
         signals: Signals,
         threads: Vec<worker::Worker>,
+        (queue, dequeue): (Sender<Job>, Receiver<Job>),
+        activity: Arc<Activity>,
         status: Arc<Status>,
         metrics: Arc<Metrics>,
     ) -> Coordinator {
@@ -219,7 +216,9 @@ impl Coordinator {
             // Turn often enough that liveness never mistakes an idle loop for a stuck one.
             heartbeat: (config.stuck_after / 4).min(Duration::from_millis(500)),
             table: Table::new(config.max_inflight),
-            pending: VecDeque::new(),
+            queue,
+            dequeue,
+            activity,
             idle: Vec::with_capacity(threads.len()),
             workers,
             threads,
@@ -375,34 +374,38 @@ impl Coordinator {
                 self.reject(client, delimiter, ErrorCode::Overloaded)
             }
             Ok(RequestKind::Work) => {
-                let worker = self.idle.pop();
-                let entry = Entry {
+                let received = Instant::now();
+                let ticket = self.table.insert(Entry {
                     client,
                     delimiter,
-                    received: Instant::now(),
-                    // Only a request that must wait keeps its body here (and allocates).
-                    queued: match worker {
-                        Some(_) => Vec::new(),
-                        None => parts.by_ref().collect(),
-                    },
-                    worker,
-                };
-                let ticket = self.table.insert(entry);
+                    received,
+                });
                 self.metrics.set_inflight(self.table.len);
-                match worker {
+                match self.idle.pop() {
                     Some(w) => {
-                        self.workers[w as usize] = WorkerState::Busy(ticket.slot);
                         self.metrics.picked_up(Duration::ZERO);
                         self.dispatch(w, ticket, parts);
                     }
-                    None => self.pending.push_back(ticket),
+                    // Every worker is busy: queue it for the first one to finish. The queue
+                    // holds at most --max-inflight jobs (the table is checked first).
+                    None => {
+                        let job = Job {
+                            ticket,
+                            received,
+                            body: parts.collect(),
+                        };
+                        if self.queue.try_send(job).is_err() {
+                            log::error!("shared queue full or closed; request dropped");
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Sends a request to worker `w`.
+    /// Sends a request to idle worker `w`.
     fn dispatch(&mut self, w: u32, ticket: Ticket, body: impl Iterator<Item = Message>) {
+        self.workers[w as usize] = WorkerState::Active;
         let head = [
             Message::from(&internal::worker_id(w)[..]),
             Message::from(&ticket.to_bytes()[..]),
@@ -423,21 +426,19 @@ impl Coordinator {
         }
     }
 
-    /// Gives worker `w` the oldest queued request, or marks it idle.
+    /// Worker `w` said READY: it found the queue empty. A request queued since then goes to
+    /// it now; otherwise it is idle. So no request waits in the queue while a worker idles.
     fn next_for(&mut self, w: u32) {
-        while let Some(ticket) = self.pending.pop_front() {
-            let Some(entry) = self.table.get_mut(ticket) else {
-                continue;
-            };
-            entry.worker = Some(w);
-            let body = std::mem::take(&mut entry.queued);
-            self.metrics.picked_up(entry.received.elapsed());
-            self.workers[w as usize] = WorkerState::Busy(ticket.slot);
-            self.dispatch(w, ticket, body.into_iter());
-            return;
+        match self.dequeue.try_recv() {
+            Ok(job) => {
+                self.metrics.picked_up(job.received.elapsed());
+                self.dispatch(w, job.ticket, job.body.into_iter());
+            }
+            Err(_) => {
+                self.workers[w as usize] = WorkerState::Idle;
+                self.idle.push(w);
+            }
         }
-        self.workers[w as usize] = WorkerState::Idle;
-        self.idle.push(w);
     }
 
     /// Reads READY announcements and replies from the workers.
@@ -465,7 +466,7 @@ impl Coordinator {
             return;
         };
         if frames.len() == 2 && &frames[1][..] == internal::READY {
-            if state == WorkerState::Starting {
+            if matches!(state, WorkerState::Starting | WorkerState::Active) {
                 self.next_for(w);
                 if self.status.state() == State::Starting
                     && !self.workers.contains(&WorkerState::Starting)
@@ -479,12 +480,7 @@ impl Coordinator {
             log::error!("malformed message from worker {w} ignored");
             return;
         };
-        if state != WorkerState::Busy(ticket.slot) {
-            // A reply from a worker abandoned at the drain deadline: its client already got
-            // ERR timeout.
-            log::debug!("late reply from worker {w} discarded");
-            return;
-        }
+        // A stale ticket (the request timed out at the drain deadline) finds no entry.
         if let Some(entry) = self.table.remove(ticket) {
             self.metrics.set_inflight(self.table.len);
             let outcome = match frames.get(2).map(|f| &f[..]) {
@@ -497,8 +493,9 @@ impl Coordinator {
             self.send_reply(entry.client, entry.delimiter, frames.drain(2..));
             self.metrics
                 .replied(outcome, Some(entry.received.elapsed()));
+        } else {
+            log::debug!("late reply from worker {w} discarded");
         }
-        self.next_for(w);
     }
 
     /// Answers a request that no worker will see.
@@ -562,13 +559,11 @@ impl Coordinator {
     /// At the drain deadline: every request still held gets `ERR timeout`; workers still in a
     /// handler are abandoned.
     fn expire(&mut self) {
-        let (mut timed_out, mut abandoned) = (0, 0);
+        // Queued requests will not run: take them back so no worker starts one.
+        while self.dequeue.try_recv().is_ok() {}
+        let mut timed_out = 0;
         for ticket in self.table.tickets() {
             if let Some(entry) = self.table.remove(ticket) {
-                if let Some(w) = entry.worker {
-                    self.workers[w as usize] = WorkerState::Abandoned;
-                    abandoned += 1;
-                }
                 timed_out += 1;
                 let reply = [
                     Message::from(STATUS_ERR),
@@ -580,20 +575,27 @@ impl Coordinator {
                     .replied(Some(ErrorCode::Timeout), Some(entry.received.elapsed()));
             }
         }
-        self.pending.clear();
         self.metrics.set_inflight(0);
-        log::warn!(
-            "drain deadline reached: {timed_out} requests answered ERR timeout, \
-             {abandoned} workers still inside their handler"
-        );
+        log::warn!("drain deadline reached: {timed_out} requests answered ERR timeout");
     }
 
     /// Stops and joins every worker that is not stuck in a handler. Returns how many were
     /// left behind.
     fn stop_workers(&mut self) -> usize {
-        // A worker still starting has not said READY and cannot be addressed yet.
+        // A worker inside a handler now is stuck past the drain: leave it. Any other worker
+        // not yet idle (starting, or between its last reply and READY) says READY shortly.
+        for (w, state) in self.workers.iter_mut().enumerate() {
+            if *state == WorkerState::Active && self.activity.in_handler(w) {
+                *state = WorkerState::Abandoned;
+            }
+        }
+        let waiting = |workers: &[WorkerState]| {
+            workers
+                .iter()
+                .any(|s| matches!(s, WorkerState::Starting | WorkerState::Active))
+        };
         let grace = Instant::now() + READY_GRACE;
-        while self.workers.contains(&WorkerState::Starting) && Instant::now() < grace {
+        while waiting(&self.workers) && Instant::now() < grace {
             let mut item = [self.backend.as_poll_item(zmq::POLLIN)];
             if matches!(retry_eintr(|| zmq::poll(&mut item, 50)), Ok(n) if n > 0) {
                 let _ = self.read_backend();

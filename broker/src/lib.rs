@@ -123,6 +123,8 @@ impl Broker {
             endpoint: BACKEND.into(),
             source,
         })?;
+        // Bounded by the in-flight limit, so pushing never blocks and never allocates.
+        let (queue, jobs) = crossbeam_channel::bounded(config.max_inflight);
         let mut threads = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
             threads.push(Worker::spawn(
@@ -132,6 +134,7 @@ impl Broker {
                 self.make_handler.make(index),
                 Arc::clone(&metrics),
                 Arc::clone(&activity),
+                jobs.clone(),
             )?);
         }
         log::info!(
@@ -149,6 +152,8 @@ impl Broker {
             backend,
             signals,
             threads,
+            (queue, jobs),
+            Arc::clone(&activity),
             Arc::clone(&status),
             Arc::clone(&metrics),
         );

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use shared::protocol::{internal, STATUS_ERR, STATUS_OK};
 use shared::socket::{recv_frames, send_frames, send_one};
 use shared::{ErrorCode, Metrics};
@@ -69,6 +70,13 @@ impl Activity {
         self.busy_since[index].store(0, Ordering::Relaxed);
     }
 
+    /// True while worker `index` is inside its handler.
+    pub fn in_handler(&self, index: usize) -> bool {
+        self.busy_since
+            .get(index)
+            .is_some_and(|since| since.load(Ordering::Relaxed) != 0)
+    }
+
     /// How long each worker has been on its current request (`None`: idle).
     pub fn busy_for(&self) -> impl Iterator<Item = Option<Duration>> + '_ {
         let now = self.now_mark();
@@ -91,6 +99,18 @@ impl Activity {
     }
 }
 
+/// A request waiting in the shared queue. The coordinator queues a request there only while
+/// no worker is free; a worker that finishes one takes the next from here itself.
+#[derive(Debug)]
+pub struct Job {
+    /// Names the request in the coordinator's table.
+    pub ticket: internal::Ticket,
+    /// When the coordinator read it (for the queue-wait metric).
+    pub received: Instant,
+    /// The request body.
+    pub body: Vec<Frame>,
+}
+
 /// A running worker thread, owned (and joined) by the coordinator.
 #[derive(Debug)]
 pub struct Worker {
@@ -110,6 +130,7 @@ impl Worker {
         handler: Box<dyn Handler>,
         metrics: Arc<Metrics>,
         activity: Arc<Activity>,
+        queue: Receiver<Job>,
     ) -> Result<Worker, Error> {
         let connect_error = |source| Error::Connect {
             index,
@@ -124,7 +145,7 @@ impl Worker {
         socket.connect(endpoint).map_err(connect_error)?;
         let thread = thread::Builder::new()
             .name(format!("worker-{index}"))
-            .spawn(move || run(socket, index as usize, handler, &metrics, &activity))
+            .spawn(move || run(socket, index as usize, handler, &metrics, &activity, queue))
             .map_err(|source| Error::Spawn { index, source })?;
         Ok(Worker { index, thread })
     }
@@ -133,11 +154,19 @@ impl Worker {
 fn run(
     socket: zmq::Socket,
     index: usize,
-    mut handler: Box<dyn Handler>,
+    handler: Box<dyn Handler>,
     metrics: &Metrics,
     activity: &Activity,
+    queue: Receiver<Job>,
 ) {
-    if let Err(e) = send_one(&socket, Message::from(internal::READY), 0) {
+    let mut worker = Running {
+        socket,
+        index,
+        handler,
+        metrics,
+        activity,
+    };
+    if let Err(e) = worker.announce() {
         log::error!("worker {index}: cannot announce itself: {e}");
         return;
     }
@@ -145,7 +174,8 @@ fn run(
     // Reused across requests: an echo hands the same Vec back, so steady state allocates nothing.
     let mut frames: Vec<Frame> = Vec::with_capacity(4);
     loop {
-        match recv_frames(&socket, 0, &mut frames) {
+        // Idle: the coordinator hands this worker a request directly, or says STOP.
+        match recv_frames(&worker.socket, 0, &mut frames) {
             Ok(()) => {}
             Err(zmq::Error::ETERM) => break,
             Err(e) => {
@@ -156,37 +186,27 @@ fn run(
         if frames.len() == 1 && &frames[0][..] == internal::STOP {
             break;
         }
-        if frames.len() < 2 {
+        let outcome = if frames.len() < 2 {
             log::error!("worker {index}: malformed message from the coordinator ignored");
-            continue;
+            Ok(())
+        } else {
+            let ticket = frames.remove(0);
+            worker
+                .run_one(ticket, std::mem::take(&mut frames))
+                .map(|spare| frames = spare)
+                // Busy: take queued requests without a round trip through the coordinator.
+                // Only a free worker takes one, so nothing waits behind a slow request.
+                .and_then(|()| {
+                    while let Ok(job) = queue.try_recv() {
+                        metrics.picked_up(job.received.elapsed());
+                        let ticket = Message::from(&job.ticket.to_bytes()[..]);
+                        frames = worker.run_one(ticket, job.body)?;
+                    }
+                    Ok(())
+                })
         }
-        let ticket = frames.remove(0);
-
-        let started = Instant::now();
-        activity.begin(index);
-        metrics.worker_started();
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            handler.handle(std::mem::take(&mut frames))
-        }));
-        activity.end(index);
-        metrics.worker_finished(started.elapsed());
-
-        let sent = match result {
-            Ok(Ok(mut reply)) => {
-                let status = [ticket, Message::from(STATUS_OK)];
-                let sent = send_frames(&socket, status.into_iter().chain(reply.drain(..)), 0);
-                frames = reply;
-                sent
-            }
-            Ok(Err(HandlerError { code, message })) => send_error(&socket, ticket, code, &message),
-            Err(panic) => send_error(
-                &socket,
-                ticket,
-                ErrorCode::HandlerFailed,
-                &format!("handler panicked: {}", panic_message(&panic)),
-            ),
-        };
-        match sent {
+        .and_then(|()| worker.announce());
+        match outcome {
             Ok(()) => {}
             Err(zmq::Error::ETERM) => break,
             Err(e) => {
@@ -196,6 +216,50 @@ fn run(
         }
     }
     log::debug!("worker {index}: stopped");
+}
+
+/// A worker thread's state.
+struct Running<'a> {
+    socket: zmq::Socket,
+    index: usize,
+    handler: Box<dyn Handler>,
+    metrics: &'a Metrics,
+    activity: &'a Activity,
+}
+
+impl Running<'_> {
+    /// Tells the coordinator this worker is free (and the queue was empty).
+    fn announce(&self) -> zmq::Result<()> {
+        send_one(&self.socket, Message::from(internal::READY), 0)
+    }
+
+    /// Runs one request and sends its reply; returns a spare frame buffer.
+    fn run_one(&mut self, ticket: Message, body: Vec<Frame>) -> zmq::Result<Vec<Frame>> {
+        let started = Instant::now();
+        self.activity.begin(self.index);
+        self.metrics.worker_started();
+        let handler = &mut self.handler;
+        let result = catch_unwind(AssertUnwindSafe(|| handler.handle(body)));
+        self.activity.end(self.index);
+        self.metrics.worker_finished(started.elapsed());
+        match result {
+            Ok(Ok(mut reply)) => {
+                let status = [ticket, Message::from(STATUS_OK)];
+                send_frames(&self.socket, status.into_iter().chain(reply.drain(..)), 0)?;
+                Ok(reply)
+            }
+            Ok(Err(HandlerError { code, message })) => {
+                send_error(&self.socket, ticket, code, &message).map(|()| Vec::new())
+            }
+            Err(panic) => send_error(
+                &self.socket,
+                ticket,
+                ErrorCode::HandlerFailed,
+                &format!("handler panicked: {}", panic_message(&panic)),
+            )
+            .map(|()| Vec::new()),
+        }
+    }
 }
 
 fn send_error(
@@ -250,6 +314,9 @@ mod tests {
         let mut frames = Vec::new();
         recv_frames(router, 0, &mut frames).expect("reply");
         assert_eq!(&frames[1][..], &ticket[..], "ticket comes back");
+        // Free again (its queue is empty), it says so.
+        let ready = router.recv_multipart(0).expect("READY");
+        assert_eq!(ready[1], internal::READY);
         frames[2..].iter().map(|f| f.to_vec()).collect()
     }
 
@@ -262,6 +329,7 @@ mod tests {
         let activity = Arc::new(Activity::new(1));
         // Keep the test output clean of the expected panic message.
         std::panic::set_hook(Box::new(|_| {}));
+        let (_queue, jobs) = crossbeam_channel::bounded(1);
         let worker = Worker::spawn(
             &ctx,
             "inproc://pool-test",
@@ -269,6 +337,7 @@ mod tests {
             Box::new(Panicky),
             metrics,
             activity,
+            jobs,
         )
         .expect("spawn");
         let ready = router.recv_multipart(0).expect("READY");

@@ -1,0 +1,62 @@
+//! Micro-benches of the per-request code on the coordinator's path: envelope parsing and
+//! checks, ticket encoding, and the metric updates one request costs.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use shared::protocol::internal::Ticket;
+use shared::protocol::{classify, envelope_len};
+use shared::{ErrorCode, Metrics};
+use zmq::Message;
+
+fn parsing(c: &mut Criterion) {
+    let frames = vec![
+        Message::from(&b"\x00\x6b\x8b\x45\x67"[..]),
+        Message::new(),
+        Message::from(&[0x5Au8; 64][..]),
+    ];
+    c.bench_function("envelope_and_classify", |b| {
+        b.iter(|| {
+            let n = envelope_len(black_box(&frames)).unwrap_or(0);
+            black_box(classify(&frames[n..], 1 << 20))
+        })
+    });
+    c.bench_function("ticket_round_trip", |b| {
+        let ticket = Ticket {
+            slot: 17,
+            generation: 3,
+        };
+        b.iter(|| Ticket::from_bytes(&black_box(ticket).to_bytes()))
+    });
+}
+
+fn metrics(c: &mut Criterion) {
+    let on = Metrics::new("bench").expect("metrics");
+    let mut off = Metrics::new("bench").expect("metrics");
+    off.set_enabled(false);
+    for (name, m) in [
+        ("metrics_per_request_on", &on),
+        ("metrics_per_request_off", &off),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                // Everything one OK request records, coordinator and worker side.
+                m.request_read(black_box(64));
+                m.set_inflight(black_box(3));
+                m.picked_up(black_box(Duration::from_micros(12)));
+                m.worker_started();
+                m.worker_finished(black_box(Duration::from_micros(3)));
+                m.replied(black_box(None), Some(black_box(Duration::from_micros(40))));
+                m.reply_sent(black_box(66));
+                m.set_inflight(black_box(2));
+            })
+        });
+    }
+    c.bench_function("metrics_error_reply", |b| {
+        b.iter(|| on.replied(black_box(Some(ErrorCode::Overloaded)), None))
+    });
+}
+
+criterion_group!(benches, parsing, metrics);
+criterion_main!(benches);
