@@ -35,10 +35,11 @@ fn metrics(c: &mut Criterion) {
     let on = Metrics::new("bench").expect("metrics");
     let mut off = Metrics::new("bench").expect("metrics");
     off.set_enabled(false);
-    for (name, m) in [
+    for (name, metrics) in [
         ("metrics_per_request_on", &on),
         ("metrics_per_request_off", &off),
     ] {
+        let mut m = metrics.recorder();
         c.bench_function(name, |b| {
             b.iter(|| {
                 // Everything one OK request records, coordinator and worker side.
@@ -53,8 +54,15 @@ fn metrics(c: &mut Criterion) {
             })
         });
     }
+    let mut m = on.recorder();
     c.bench_function("metrics_error_reply", |b| {
-        b.iter(|| on.replied(black_box(Some(ErrorCode::Overloaded)), None))
+        b.iter(|| m.replied(black_box(Some(ErrorCode::Overloaded)), None))
+    });
+    c.bench_function("metrics_flush", |b| {
+        b.iter(|| {
+            m.replied(None, Some(Duration::from_micros(40)));
+            m.flush()
+        })
     });
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::signal::Signal;
-use shared::metrics::DropReason;
+use shared::metrics::{DropReason, Recorder};
 use shared::protocol::internal::{self, Ticket};
 use shared::protocol::{classify, envelope_len, RequestKind, STATUS_ERR, STATUS_OK};
 use shared::socket::{recv_frames, retry_eintr, send_frames, send_one};
@@ -168,6 +168,7 @@ pub struct Coordinator {
     signals: Signals,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
+    rec: Recorder,
     max_message_bytes: usize,
     shutdown_delay: Duration,
     drain_timeout: Duration,
@@ -209,6 +210,7 @@ impl Coordinator {
             backend,
             signals,
             status,
+            rec: metrics.recorder(),
             metrics,
             max_message_bytes: config.max_message_bytes,
             shutdown_delay: config.shutdown_delay,
@@ -268,6 +270,8 @@ impl Coordinator {
                 .flatten()
                 .map(|at| at.saturating_duration_since(now))
                 .fold(self.heartbeat, Duration::min);
+            // Publish this turn's counts before blocking, so a scrape sees them.
+            self.rec.flush();
             let (signal, backend, front) = self.poll(wake)?;
             if signal {
                 while let Some(sig) = self.signals.pending()? {
@@ -349,7 +353,7 @@ impl Coordinator {
         let delimiter = envelope == 2;
         let body = &frames[envelope..];
         let size: usize = body.iter().map(|f| f.len()).sum();
-        self.metrics.request_read(size);
+        self.rec.request_read(size);
 
         let verdict = classify(body, self.max_message_bytes);
         let mut parts = frames.drain(..);
@@ -380,10 +384,10 @@ impl Coordinator {
                     delimiter,
                     received,
                 });
-                self.metrics.set_inflight(self.table.len);
+                self.rec.set_inflight(self.table.len);
                 match self.idle.pop() {
                     Some(w) => {
-                        self.metrics.picked_up(Duration::ZERO);
+                        self.rec.picked_up(Duration::ZERO);
                         self.dispatch(w, ticket, parts);
                     }
                     // Every worker is busy: queue it for the first one to finish. The queue
@@ -431,7 +435,7 @@ impl Coordinator {
     fn next_for(&mut self, w: u32) {
         match self.dequeue.try_recv() {
             Ok(job) => {
-                self.metrics.picked_up(job.received.elapsed());
+                self.rec.picked_up(job.received.elapsed());
                 self.dispatch(w, job.ticket, job.body.into_iter());
             }
             Err(_) => {
@@ -482,7 +486,7 @@ impl Coordinator {
         };
         // A stale ticket (the request timed out at the drain deadline) finds no entry.
         if let Some(entry) = self.table.remove(ticket) {
-            self.metrics.set_inflight(self.table.len);
+            self.rec.set_inflight(self.table.len);
             let outcome = match frames.get(2).map(|f| &f[..]) {
                 Some(STATUS_OK) => None,
                 _ => frames
@@ -491,8 +495,7 @@ impl Coordinator {
                     .or(Some(ErrorCode::HandlerFailed)),
             };
             self.send_reply(entry.client, entry.delimiter, frames.drain(2..));
-            self.metrics
-                .replied(outcome, Some(entry.received.elapsed()));
+            self.rec.replied(outcome, Some(entry.received.elapsed()));
         } else {
             log::debug!("late reply from worker {w} discarded");
         }
@@ -500,7 +503,7 @@ impl Coordinator {
 
     /// Answers a request that no worker will see.
     fn reject(&mut self, client: Message, delimiter: bool, code: ErrorCode) {
-        self.metrics.replied(Some(code), None);
+        self.rec.replied(Some(code), None);
         let reply = [
             Message::from(STATUS_ERR),
             Message::from(code.as_str()),
@@ -553,7 +556,7 @@ impl Coordinator {
                 break;
             }
         }
-        self.metrics.reply_sent(sent);
+        self.rec.reply_sent(sent);
     }
 
     /// At the drain deadline: every request still held gets `ERR timeout`; workers still in a
@@ -571,11 +574,11 @@ impl Coordinator {
                     Message::from(reject_message(ErrorCode::Timeout)),
                 ];
                 self.send_reply(entry.client, entry.delimiter, reply);
-                self.metrics
+                self.rec
                     .replied(Some(ErrorCode::Timeout), Some(entry.received.elapsed()));
             }
         }
-        self.metrics.set_inflight(0);
+        self.rec.set_inflight(0);
         log::warn!("drain deadline reached: {timed_out} requests answered ERR timeout");
     }
 

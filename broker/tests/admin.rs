@@ -44,6 +44,27 @@ impl Scrape {
         Scrape(values)
     }
 
+    /// Scrapes until `ready` holds: threads publish their counts when they flush (the
+    /// coordinator before every poll, a worker before it goes idle), a moment after a reply.
+    fn settled(broker: &Broker, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+        let mut scrape = Scrape::take(broker);
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while !ready(&scrape) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "metrics never settled: {:?}",
+                scrape.0
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            scrape = Scrape::take(broker);
+        }
+        scrape
+    }
+
+    fn get_or_zero(&self, key: &str) -> f64 {
+        self.0.get(key).copied().unwrap_or(0.0)
+    }
+
     fn get(&self, key: &str) -> f64 {
         *self
             .0
@@ -101,7 +122,11 @@ fn metrics_count_every_outcome_exactly() {
     for _ in 0..2 {
         assert_eq!(exchange(&[b'9'; 101]), Some(ErrorCode::TooLarge));
     }
-    let scrape = Scrape::take(&broker);
+    let scrape = Scrape::settled(&broker, |s| {
+        s.get_or_zero("broker_request_duration_seconds_count{}") >= 4.0
+            && s.get_or_zero("broker_queue_wait_seconds_count{}") >= 4.0
+            && s.get_or_zero("broker_requests_total{outcome=too_large}") >= 2.0
+    });
     assert_eq!(scrape.outcome("ok"), 3.0);
     assert_eq!(scrape.outcome("bad_request"), 2.0);
     assert_eq!(scrape.outcome("too_large"), 2.0);
@@ -139,7 +164,9 @@ fn metrics_count_every_outcome_exactly() {
             Some(ErrorCode::Draining)
         );
     }
-    let scrape = Scrape::take(&broker);
+    let scrape = Scrape::settled(&broker, |s| {
+        s.get_or_zero("broker_requests_total{outcome=draining}") >= 2.0
+    });
     assert_eq!(scrape.outcome("overloaded"), 2.0);
     assert_eq!(scrape.outcome("draining"), 2.0);
     assert_eq!(scrape.outcome("timeout"), 0.0);

@@ -2,8 +2,9 @@
 //! buckets, and one [`Metrics`] value on an explicit registry that the broker shares with its
 //! workers. Handles are resolved once here so the hot path touches only atomics.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus::local::{LocalCounter, LocalHistogram, LocalIntCounter};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -59,9 +60,9 @@ pub enum DropReason {
     Hwm,
 }
 
-/// Every metric the broker exports, on its own registry. The hot path updates it through the
-/// methods below, each a few atomic operations; with [`Metrics::set_enabled`]`(false)` they do
-/// nothing (the benchmarks' metrics-off baseline).
+/// Every metric the broker exports, on its own registry. The hot path updates it through a
+/// per-thread [`Recorder`]; with [`Metrics::set_enabled`]`(false)` recorders do nothing (the
+/// benchmarks' metrics-off baseline).
 pub struct Metrics {
     registry: Registry,
     enabled: bool,
@@ -179,11 +180,21 @@ impl Metrics {
         self.enabled = enabled;
     }
 
-    /// A request body of `bytes` was read.
-    #[inline]
-    pub fn request_read(&self, bytes: usize) {
-        if self.enabled {
-            self.received_bytes.inc_by(bytes as u64);
+    /// A per-thread recorder for the per-request metrics: plain (non-atomic) local counts
+    /// and histograms, pushed to the shared metrics by [`Recorder::flush`].
+    pub fn recorder(&self) -> Recorder {
+        Recorder {
+            enabled: self.enabled,
+            requests_ok: self.requests_ok.local(),
+            requests_err: self.requests_err.each_ref().map(IntCounter::local),
+            request_duration: self.request_duration.local(),
+            queue_wait: self.queue_wait.local(),
+            worker_busy_seconds: self.worker_busy_seconds.local(),
+            received_bytes: self.received_bytes.local(),
+            sent_bytes: self.sent_bytes.local(),
+            inflight: self.inflight.clone(),
+            workers_busy: self.workers_busy.clone(),
+            last_flush: Instant::now(),
         }
     }
 
@@ -193,69 +204,12 @@ impl Metrics {
         self.health_checks.inc();
     }
 
-    /// Requests read and not yet answered.
-    #[inline]
-    pub fn set_inflight(&self, n: usize) {
-        if self.enabled {
-            self.inflight.set(n as i64);
-        }
-    }
-
-    /// A worker picked up a request that waited `wait` since it was read.
-    #[inline]
-    pub fn picked_up(&self, wait: Duration) {
-        if self.enabled {
-            self.queue_wait.observe(wait.as_secs_f64());
-        }
-    }
-
-    /// A request was answered with `outcome` (`None` is `OK`); `latency` is from read to
-    /// reply for requests that were admitted, `None` for those refused at once.
-    #[inline]
-    pub fn replied(&self, outcome: Option<ErrorCode>, latency: Option<Duration>) {
-        if !self.enabled {
-            return;
-        }
-        match outcome {
-            None => self.requests_ok.inc(),
-            Some(code) => self.requests_err[code.index()].inc(),
-        }
-        if let Some(latency) = latency {
-            self.request_duration.observe(latency.as_secs_f64());
-        }
-    }
-
-    /// A reply body of `bytes` left through the front socket.
-    #[inline]
-    pub fn reply_sent(&self, bytes: usize) {
-        if self.enabled {
-            self.sent_bytes.inc_by(bytes as u64);
-        }
-    }
-
     /// A reply could not be delivered.
     #[inline]
     pub fn count_drop(&self, reason: DropReason) {
         match reason {
             DropReason::PeerGone => self.dropped_peer_gone.inc(),
             DropReason::Hwm => self.dropped_hwm.inc(),
-        }
-    }
-
-    /// A worker started running a request.
-    #[inline]
-    pub fn worker_started(&self) {
-        if self.enabled {
-            self.workers_busy.inc();
-        }
-    }
-
-    /// A worker finished a request after `busy` in its handler.
-    #[inline]
-    pub fn worker_finished(&self, busy: Duration) {
-        if self.enabled {
-            self.workers_busy.dec();
-            self.worker_busy_seconds.inc_by(busy.as_secs_f64());
         }
     }
 
@@ -287,6 +241,122 @@ impl Metrics {
     }
 }
 
+/// Per-request metric updates for one thread (the coordinator, or one worker). Each update is
+/// a few plain memory operations; [`Recorder::flush`] publishes them, so a scrape sees them
+/// once the thread flushes: the coordinator before every poll, a worker before it goes idle
+/// and at least every [`Recorder::FLUSH_EVERY`] while busy. Gauges stay live (atomic).
+pub struct Recorder {
+    enabled: bool,
+    requests_ok: LocalIntCounter,
+    requests_err: [LocalIntCounter; ErrorCode::ALL.len()],
+    request_duration: LocalHistogram,
+    queue_wait: LocalHistogram,
+    worker_busy_seconds: LocalCounter,
+    received_bytes: LocalIntCounter,
+    sent_bytes: LocalIntCounter,
+    inflight: IntGauge,
+    workers_busy: IntGauge,
+    last_flush: Instant,
+}
+
+impl Recorder {
+    /// Longest a busy thread keeps counts to itself.
+    pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+    /// A request body of `bytes` was read.
+    #[inline]
+    pub fn request_read(&mut self, bytes: usize) {
+        if self.enabled {
+            self.received_bytes.inc_by(bytes as u64);
+        }
+    }
+
+    /// Requests read and not yet answered (live).
+    #[inline]
+    pub fn set_inflight(&self, n: usize) {
+        if self.enabled {
+            self.inflight.set(n as i64);
+        }
+    }
+
+    /// A worker picked up a request that waited `wait` since it was read.
+    #[inline]
+    pub fn picked_up(&mut self, wait: Duration) {
+        if self.enabled {
+            self.queue_wait.observe(wait.as_secs_f64());
+        }
+    }
+
+    /// A request was answered with `outcome` (`None` is `OK`); `latency` is from read to
+    /// reply for requests that were admitted, `None` for those refused at once.
+    #[inline]
+    pub fn replied(&mut self, outcome: Option<ErrorCode>, latency: Option<Duration>) {
+        if !self.enabled {
+            return;
+        }
+        match outcome {
+            None => self.requests_ok.inc(),
+            Some(code) => self.requests_err[code.index()].inc(),
+        }
+        if let Some(latency) = latency {
+            self.request_duration.observe(latency.as_secs_f64());
+        }
+    }
+
+    /// A reply body of `bytes` left through the front socket.
+    #[inline]
+    pub fn reply_sent(&mut self, bytes: usize) {
+        if self.enabled {
+            self.sent_bytes.inc_by(bytes as u64);
+        }
+    }
+
+    /// A worker started running a request (live gauge).
+    #[inline]
+    pub fn worker_started(&self) {
+        if self.enabled {
+            self.workers_busy.inc();
+        }
+    }
+
+    /// A worker finished a request after `busy` in its handler.
+    #[inline]
+    pub fn worker_finished(&mut self, busy: Duration) {
+        if self.enabled {
+            self.workers_busy.dec();
+            self.worker_busy_seconds.inc_by(busy.as_secs_f64());
+        }
+    }
+
+    /// Publishes the local counts.
+    pub fn flush(&mut self) {
+        self.requests_ok.flush();
+        for counter in &self.requests_err {
+            counter.flush();
+        }
+        self.request_duration.flush();
+        self.queue_wait.flush();
+        self.worker_busy_seconds.flush();
+        self.received_bytes.flush();
+        self.sent_bytes.flush();
+        self.last_flush = Instant::now();
+    }
+
+    /// Publishes the local counts if the last flush was [`Recorder::FLUSH_EVERY`] ago.
+    #[inline]
+    pub fn flush_if_due(&mut self, now: Instant) {
+        if now.duration_since(self.last_flush) >= Recorder::FLUSH_EVERY {
+            self.flush();
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,9 +364,16 @@ mod tests {
     #[test]
     fn every_outcome_is_exported_from_the_start() {
         let metrics = Metrics::new("test").expect("metrics register");
-        metrics.replied(None, Some(Duration::from_micros(30)));
-        metrics.replied(Some(ErrorCode::Timeout), None);
+        let mut recorder = metrics.recorder();
+        recorder.replied(None, Some(Duration::from_micros(30)));
+        recorder.replied(Some(ErrorCode::Timeout), None);
         metrics.count_drop(DropReason::Hwm);
+        let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
+        assert!(
+            text.contains("broker_requests_total{outcome=\"ok\"} 0"),
+            "not before a flush"
+        );
+        recorder.flush();
         let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
         assert!(text.contains("broker_requests_total{outcome=\"ok\"} 1"));
         assert!(text.contains("broker_requests_total{outcome=\"timeout\"} 1"));
@@ -311,8 +388,10 @@ mod tests {
     fn disabled_metrics_skip_per_request_updates() {
         let mut metrics = Metrics::new("test").expect("metrics register");
         metrics.set_enabled(false);
-        metrics.replied(None, Some(Duration::from_micros(30)));
-        metrics.request_read(10);
+        let mut recorder = metrics.recorder();
+        recorder.replied(None, Some(Duration::from_micros(30)));
+        recorder.request_read(10);
+        recorder.flush();
         let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
         assert!(text.contains("broker_requests_total{outcome=\"ok\"} 0"));
         assert!(text.contains("broker_received_bytes_total 0"));

@@ -10,6 +10,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use shared::metrics::Recorder;
 use shared::protocol::{internal, STATUS_ERR, STATUS_OK};
 use shared::socket::{recv_frames, send_frames, send_one};
 use shared::{ErrorCode, Metrics};
@@ -163,7 +164,7 @@ fn run(
         socket,
         index,
         handler,
-        metrics,
+        rec: metrics.recorder(),
         activity,
     };
     if let Err(e) = worker.announce() {
@@ -198,7 +199,9 @@ fn run(
                 // Only a free worker takes one, so nothing waits behind a slow request.
                 .and_then(|()| {
                     while let Ok(job) = queue.try_recv() {
-                        metrics.picked_up(job.received.elapsed());
+                        let now = Instant::now();
+                        worker.rec.picked_up(now.duration_since(job.received));
+                        worker.rec.flush_if_due(now);
                         let ticket = Message::from(&job.ticket.to_bytes()[..]);
                         frames = worker.run_one(ticket, job.body)?;
                     }
@@ -223,13 +226,14 @@ struct Running<'a> {
     socket: zmq::Socket,
     index: usize,
     handler: Box<dyn Handler>,
-    metrics: &'a Metrics,
+    rec: Recorder,
     activity: &'a Activity,
 }
 
 impl Running<'_> {
     /// Tells the coordinator this worker is free (and the queue was empty).
-    fn announce(&self) -> zmq::Result<()> {
+    fn announce(&mut self) -> zmq::Result<()> {
+        self.rec.flush();
         send_one(&self.socket, Message::from(internal::READY), 0)
     }
 
@@ -237,11 +241,11 @@ impl Running<'_> {
     fn run_one(&mut self, ticket: Message, body: Vec<Frame>) -> zmq::Result<Vec<Frame>> {
         let started = Instant::now();
         self.activity.begin(self.index);
-        self.metrics.worker_started();
+        self.rec.worker_started();
         let handler = &mut self.handler;
         let result = catch_unwind(AssertUnwindSafe(|| handler.handle(body)));
         self.activity.end(self.index);
-        self.metrics.worker_finished(started.elapsed());
+        self.rec.worker_finished(started.elapsed());
         match result {
             Ok(Ok(mut reply)) => {
                 let status = [ticket, Message::from(STATUS_OK)];
