@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// Do not check that replies echo their requests (for non-echo handlers).
     #[arg(long)]
     pub no_verify: bool,
+    /// Send an empty delimiter frame first, as REQ does (REP servers need it).
+    #[arg(long)]
+    pub delimiter: bool,
+    /// The server is a plain echo (no `OK` status frame), e.g. a bare REP socket.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 /// What a run measured.
@@ -181,7 +187,6 @@ pub fn run(args: &BenchArgs) -> Result<Report, Error> {
         return Err(Error::Usage("--rate must be more than 0".into()));
     }
     let endpoints = resolve(&args.endpoints)?;
-    let ctx = zmq::Context::new();
     let threads = args.threads.min(args.clients);
     let started = Instant::now();
     let progress = Progress::new(args);
@@ -199,7 +204,11 @@ pub fn run(args: &BenchArgs) -> Result<Report, Error> {
             size: args.size,
             timeout: args.timeout,
             verify: !args.no_verify,
+            delimiter: args.delimiter,
+            raw: args.raw,
         };
+        // A context per thread: libzmq allows 1023 sockets per context by default.
+        let ctx = zmq::Context::new();
         let sockets = clients
             .iter()
             .map(|&id| connect(&ctx, &endpoints, id))
@@ -275,6 +284,8 @@ struct Plan {
     size: usize,
     timeout: Duration,
     verify: bool,
+    delimiter: bool,
+    raw: bool,
 }
 
 /// One client's outstanding requests: a slot per window position.
@@ -357,7 +368,15 @@ fn drive(
                     client.seq = client.seq.wrapping_add(1);
                     let id = (u64::from(slot) << 32) | u64::from(client.seq);
                     body[..8].copy_from_slice(&id.to_le_bytes());
-                    match client.socket.send(&body[..], zmq::DONTWAIT) {
+                    let sent = if plan.delimiter {
+                        client
+                            .socket
+                            .send("", zmq::DONTWAIT | zmq::SNDMORE)
+                            .and_then(|()| client.socket.send(&body[..], 0))
+                    } else {
+                        client.socket.send(&body[..], zmq::DONTWAIT)
+                    };
+                    match sent {
                         Ok(()) => {}
                         // Not connected yet (ZMQ_IMMEDIATE): try again after a short wait.
                         Err(zmq::Error::EAGAIN) => {
@@ -403,12 +422,18 @@ fn drive(
                 continue;
             }
             loop {
-                let frames = match client.socket.recv_multipart(zmq::DONTWAIT) {
+                let mut frames = match client.socket.recv_multipart(zmq::DONTWAIT) {
                     Ok(frames) => frames,
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => return Err(Error::Zmq("recv", e)),
                 };
                 let done = Instant::now();
+                if plan.delimiter && frames.first().is_some_and(Vec::is_empty) {
+                    frames.remove(0);
+                }
+                if plan.raw {
+                    frames.insert(0, STATUS_OK.to_vec());
+                }
                 match check_reply(&frames, client, plan.verify, plan.size) {
                     Checked::Ok(intended) => {
                         report.ok += 1;
