@@ -130,21 +130,28 @@ memory() {
   local n=${IDLE_CLIENTS:-10000}
   echo "## resident memory with $n idle connections (2 workers)"
   start_broker 0,1 --workers 2
-  rss() { curl -s "http://$ADMIN/metrics" 2>/dev/null | awk '/^process_resident_memory_bytes/ {print $2}' \
-    || "$BIN" probe --http "http://$ADMIN/metrics" >/dev/null; }
   before=$(python3 -c "
 import urllib.request
 t = urllib.request.urlopen('http://$ADMIN/metrics').read().decode()
 print([l.split()[1] for l in t.splitlines() if l.startswith('process_resident_memory_bytes')][0])")
-  coproc HOLD { "$PY" scripts/idle_clients.py "$ENDPOINT" "$n"; }
-  read -r line <&"${HOLD[0]}"
-  [[ $line == "ready $n" ]] || { echo "perf: $line" >&2; exit 1; }
+  # One process per 5000 connections: each needs two fds per socket (TCP + mailbox).
+  local per=5000 holders=() i
+  for ((i = 0; i * per < n; i++)); do
+    local m=$((n - i * per < per ? n - i * per : per))
+    "$PY" scripts/idle_clients.py "$ENDPOINT" "$m" < <(exec sleep 600 2>/dev/null) >"$OUT/idle-$i.out" 2>&1 &
+    holders+=($!)
+  done
+  for ((i = 0; i < ${#holders[@]}; i++)); do
+    for _ in $(seq 1200); do grep -q ready "$OUT/idle-$i.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q ready "$OUT/idle-$i.out" || { cat "$OUT/idle-$i.out" >&2; exit 1; }
+  done
   after=$(python3 -c "
 import urllib.request
 t = urllib.request.urlopen('http://$ADMIN/metrics').read().decode()
 print([l.split()[1] for l in t.splitlines() if l.startswith('process_resident_memory_bytes')][0])")
-  exec {HOLD[1]}>&-
-  wait "$HOLD_PID" 2>/dev/null || true
+  kill "${holders[@]}" 2>/dev/null || true
+  pkill -P $$ -x sleep 2>/dev/null || true
+  wait "${holders[@]}" 2>/dev/null || true
   stop_server
   python3 -c "
 b, a, n = float('$before'), float('$after'), $n

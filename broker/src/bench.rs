@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::net::ToSocketAddrs;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -154,25 +153,6 @@ pub enum Error {
     Thread,
 }
 
-/// Expands `tcp://name:port` into one endpoint per resolved address.
-pub fn resolve(endpoints: &[String]) -> Result<Vec<String>, Error> {
-    let mut out = Vec::new();
-    for endpoint in endpoints {
-        let Some(hostport) = endpoint.strip_prefix("tcp://") else {
-            out.push(endpoint.clone());
-            continue;
-        };
-        let addrs = hostport
-            .to_socket_addrs()
-            .map_err(|e| Error::Resolve(endpoint.clone(), e))?;
-        let mut seen: Vec<String> = addrs.map(|a| format!("tcp://{a}")).collect();
-        seen.sort();
-        seen.dedup();
-        out.extend(seen);
-    }
-    Ok(out)
-}
-
 /// Runs the load and returns the report.
 pub fn run(args: &BenchArgs) -> Result<Report, Error> {
     if args.size < 8 {
@@ -186,7 +166,10 @@ pub fn run(args: &BenchArgs) -> Result<Report, Error> {
     if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err(Error::Usage("--rate must be more than 0".into()));
     }
-    let endpoints = resolve(&args.endpoints)?;
+    let endpoints = crate::client::resolve(&args.endpoints).map_err(|e| match e {
+        crate::client::Error::Resolve(name, io) => Error::Resolve(name, io),
+        other => Error::Usage(other.to_string()),
+    })?;
     let threads = args.threads.min(args.clients);
     let started = Instant::now();
     let progress = Progress::new(args);

@@ -146,6 +146,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "BROKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormatArg,
+    /// Accept front connections only from this network (CIDR; repeat, or comma-separate in
+    /// the env var). Unset: accept all (use a NetworkPolicy).
+    #[arg(long = "allow-from", env = "BROKER_ALLOW_FROM", value_delimiter = ',')]
+    pub allow_from: Vec<ipnet::IpNet>,
     /// Skip per-request metric updates (only to measure their cost; breaks autoscaling).
     #[arg(long, env = "BROKER_NO_METRICS", hide = true)]
     pub no_metrics: bool,
@@ -233,6 +237,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Per-request metric updates on.
     pub metrics: bool,
+    /// Networks allowed to connect to the front socket; empty allows all.
+    pub allow_from: Vec<ipnet::IpNet>,
 }
 
 impl Config {
@@ -272,6 +278,7 @@ impl Config {
             drain_timeout: args.drain_timeout,
             stuck_after: args.stuck_after,
             metrics: !args.no_metrics,
+            allow_from: args.allow_from,
             flush_linger: defaults::FLUSH_LINGER,
             log_level: match args.log_level {
                 LogLevelArg::Off => LevelFilter::Off,

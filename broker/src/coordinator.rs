@@ -18,6 +18,7 @@ use shared::{ErrorCode, Metrics};
 use worker::{Activity, Job};
 use zmq::{Message, Socket};
 
+use crate::access::ZapHandler;
 use crate::config::Config;
 use crate::lifecycle::{State, Status};
 use crate::signals::{self, Signals};
@@ -166,6 +167,7 @@ pub struct Coordinator {
     front: Socket,
     backend: Socket,
     signals: Signals,
+    zap: Option<ZapHandler>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     rec: Recorder,
@@ -198,6 +200,7 @@ impl Coordinator {
         front: Socket,
         backend: Socket,
         signals: Signals,
+        zap: Option<ZapHandler>,
         threads: Vec<worker::Worker>,
         (queue, dequeue): (Sender<Job>, Receiver<Job>),
         activity: Arc<Activity>,
@@ -209,6 +212,7 @@ impl Coordinator {
             front,
             backend,
             signals,
+            zap,
             status,
             rec: metrics.recorder(),
             metrics,
@@ -272,7 +276,12 @@ impl Coordinator {
                 .fold(self.heartbeat, Duration::min);
             // Publish this turn's counts before blocking, so a scrape sees them.
             self.rec.flush();
-            let (signal, backend, front) = self.poll(wake)?;
+            let (signal, backend, front, zap) = self.poll(wake)?;
+            if zap {
+                if let Some(handler) = &mut self.zap {
+                    handler.handle_pending();
+                }
+            }
             if signal {
                 while let Some(sig) = self.signals.pending()? {
                     if self.status.state() >= State::Stopping {
@@ -308,11 +317,17 @@ impl Coordinator {
         Ok(Exit::Drained { abandoned })
     }
 
-    fn poll(&self, timeout: Duration) -> Result<(bool, bool, bool), Error> {
+    /// Waits for input: (signal, backend, front, ZAP) readable.
+    fn poll(&self, timeout: Duration) -> Result<(bool, bool, bool, bool), Error> {
         let mut items = [
             zmq::PollItem::from_fd(self.signals.as_raw_fd(), zmq::POLLIN),
             self.backend.as_poll_item(zmq::POLLIN),
             self.front.as_poll_item(zmq::POLLIN),
+            // Without an allowlist, a never-readable stand-in keeps the set fixed-size.
+            match &self.zap {
+                Some(zap) => zap.socket().as_poll_item(zmq::POLLIN),
+                None => zmq::PollItem::from_fd(self.signals.as_raw_fd(), zmq::PollEvents::empty()),
+            },
         ];
         // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
         let millis = timeout.as_micros().div_ceil(1000) as i64;
@@ -321,6 +336,7 @@ impl Coordinator {
             items[0].is_readable(),
             items[1].is_readable(),
             items[2].is_readable(),
+            self.zap.is_some() && items[3].is_readable(),
         ))
     }
 

@@ -2,8 +2,10 @@
 //! and runs the coordinator until the broker has drained. `main.rs` only parses flags, sets
 //! up logging and signals, and maps the result to an exit code.
 
+pub mod access;
 pub mod admin;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod lifecycle;
@@ -54,6 +56,9 @@ pub enum Error {
     /// The admin server could not start.
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    /// The access-control handler could not start.
+    #[error(transparent)]
+    Access(#[from] access::Error),
     /// The coordinator failed.
     #[error(transparent)]
     Coordinator(#[from] coordinator::Error),
@@ -107,7 +112,23 @@ impl Broker {
         // Two contexts: terminating the front one flushes replies (bounded by its linger)
         // without waiting on a worker socket that a stuck handler keeps open.
         let front_ctx = zmq::Context::new();
-        let front = front_socket(&front_ctx, config)?;
+        // The ZAP handler is bound before the front socket, so no connection is accepted
+        // unchecked.
+        let zap = if config.allow_from.is_empty() {
+            None
+        } else {
+            log::info!(
+                "accepting front connections only from {:?}",
+                config.allow_from
+            );
+            let allow = access::Allowlist::new(config.allow_from.clone());
+            Some(access::ZapHandler::bind(
+                &front_ctx,
+                allow,
+                Arc::clone(&metrics),
+            )?)
+        };
+        let front = front_socket(&front_ctx, config, zap.is_some())?;
         let admin = admin::Admin::spawn(config.admin, Arc::clone(&status), Arc::clone(&metrics))?;
 
         let backend_ctx = zmq::Context::new();
@@ -151,6 +172,7 @@ impl Broker {
             front,
             backend,
             signals,
+            zap,
             threads,
             (queue, jobs),
             Arc::clone(&activity),
@@ -170,7 +192,7 @@ impl Broker {
     }
 }
 
-fn front_socket(ctx: &zmq::Context, config: &Config) -> Result<zmq::Socket, Error> {
+fn front_socket(ctx: &zmq::Context, config: &Config, zap: bool) -> Result<zmq::Socket, Error> {
     let socket_error = |source| Error::Socket {
         what: "front",
         source,
@@ -191,6 +213,13 @@ fn front_socket(ctx: &zmq::Context, config: &Config) -> Result<zmq::Socket, Erro
     // Notice clients that vanished without a FIN (a node died) instead of holding their pipes.
     socket.set_tcp_keepalive(1).map_err(socket_error)?;
     socket.set_tcp_keepalive_idle(60).map_err(socket_error)?;
+    if zap {
+        // With a domain set, libzmq asks the ZAP handler about every connection (NULL
+        // mechanism included) and drops those it refuses.
+        socket
+            .set_zap_domain(access::ZAP_DOMAIN)
+            .map_err(socket_error)?;
+    }
     socket
         .bind(&config.frontend)
         .map_err(|source| Error::Bind {

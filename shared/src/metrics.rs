@@ -38,6 +38,8 @@ pub mod names {
     pub const SENT_BYTES_TOTAL: &str = "broker_sent_bytes_total";
     /// Health requests answered by the coordinator (`broker probe`).
     pub const HEALTH_CHECKS_TOTAL: &str = "broker_health_checks_total";
+    /// Connections refused by the `--allow-from` ZAP handler.
+    pub const CONNECTIONS_REFUSED_TOTAL: &str = "broker_connections_refused_total";
     /// 1 from SIGTERM on.
     pub const DRAINING: &str = "broker_draining";
     /// Always 1, labelled with the version.
@@ -80,6 +82,7 @@ pub struct Metrics {
     received_bytes: IntCounter,
     sent_bytes: IntCounter,
     health_checks: IntCounter,
+    connections_refused: IntCounter,
     draining: IntGauge,
 }
 
@@ -150,6 +153,10 @@ impl Metrics {
                 names::HEALTH_CHECKS_TOTAL,
                 "Health requests answered by the coordinator.",
             )?,
+            connections_refused: IntCounter::new(
+                names::CONNECTIONS_REFUSED_TOTAL,
+                "Connections refused because the peer is not in --allow-from.",
+            )?,
             draining: IntGauge::new(names::DRAINING, "1 from the first SIGTERM/SIGINT on.")?,
             registry,
         };
@@ -167,6 +174,7 @@ impl Metrics {
         r.register(Box::new(metrics.received_bytes.clone()))?;
         r.register(Box::new(metrics.sent_bytes.clone()))?;
         r.register(Box::new(metrics.health_checks.clone()))?;
+        r.register(Box::new(metrics.connections_refused.clone()))?;
         r.register(Box::new(metrics.draining.clone()))?;
         #[cfg(target_os = "linux")]
         r.register(Box::new(
@@ -202,6 +210,11 @@ impl Metrics {
     #[inline]
     pub fn health_check(&self) {
         self.health_checks.inc();
+    }
+
+    /// A connection was refused by the allowlist.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// A reply could not be delivered.
