@@ -26,14 +26,23 @@ fn refused(broker: &Broker) -> u64 {
 fn only_allowed_networks_get_served() {
     let port = free_port();
     let front = format!("tcp://127.0.0.1:{port}");
-    let broker = Broker::start(&["--frontend", &front, "--allow-from", "127.0.0.1/32,10.0.0.0/8"]);
+    let broker = Broker::start(&[
+        "--frontend",
+        &front,
+        "--allow-from",
+        "127.0.0.1/32,10.0.0.0/8",
+    ]);
     let allowed = client_from("127.0.0.1", port);
     assert_eq!(ok(allowed.request(&[b"in"])), [b"in".to_vec()]);
 
     let outsider = client_from("127.0.0.2", port);
     outsider.send(&[b"let me in"]);
     common::eventually("refusal counted", EVENT_TIMEOUT, || refused(&broker) >= 1);
-    assert_eq!(outsider.try_recv(Duration::from_millis(300)), None, "an outsider got a reply");
+    assert_eq!(
+        outsider.try_recv(Duration::from_millis(300)),
+        None,
+        "an outsider got a reply"
+    );
     // The refusal cost the allowed client nothing.
     assert_eq!(ok(allowed.request(&[b"still in"])), [b"still in".to_vec()]);
 }
