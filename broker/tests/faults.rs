@@ -306,7 +306,6 @@ fn overload_soak_refuses_fast_keeps_memory_flat_and_recovers() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    // Two workers of about 5 ms each: roughly 400 requests/s of capacity.
     let broker = Broker::start(&[
         "--workers",
         "2",
@@ -317,6 +316,23 @@ fn overload_soak_refuses_fast_keeps_memory_flat_and_recovers() {
         "--max-inflight",
         "32",
     ]);
+    // The pool's capacity in this build, measured; the soak offers five times that.
+    let capacity = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args([
+            "bench",
+            "--endpoint",
+            &broker.front,
+            "--clients",
+            "4",
+            "--window",
+            "2",
+        ])
+        .args(["--duration", "2s", "--no-verify", "--json"])
+        .output()
+        .expect("capacity bench");
+    let capacity: serde_json::Value = serde_json::from_slice(&capacity.stdout).expect("bench JSON");
+    let capacity = capacity["throughput_rps"].as_f64().expect("throughput");
+    let rate = format!("{:.0}", capacity * 5.0);
     let rss_before = metric(&broker, "process_resident_memory_bytes");
     let bench = Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([
@@ -327,11 +343,8 @@ fn overload_soak_refuses_fast_keeps_memory_flat_and_recovers() {
             "8",
             "--window",
             "16",
-            "--rate",
-            "2000",
-            "--no-verify",
-            "--json",
         ])
+        .args(["--rate", &rate, "--no-verify", "--json"])
         .args(["--duration", &format!("{seconds}s")])
         .stdout(Stdio::piped())
         .spawn()
@@ -354,9 +367,13 @@ fn overload_soak_refuses_fast_keeps_memory_flat_and_recovers() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bench JSON");
     let overloaded = report["errors"]["overloaded"].as_u64().unwrap_or(0);
     eprintln!(
-        "soak {seconds}s: sent {} ok {} overloaded {overloaded}; probe saw {refusals} refusals, slowest {refusal_max:?}; \
+        "soak {seconds}s: capacity {capacity:.0} req/s, offered {rate}/s; sent {} ok {} \
+         overloaded {overloaded}; probe saw {refusals} refusals, slowest {refusal_max:?}; \
          RSS {:.1} -> max {:.1} MiB",
-        report["sent"], report["ok"], rss_before / 1048576.0, rss_max / 1048576.0
+        report["sent"],
+        report["ok"],
+        rss_before / 1048576.0,
+        rss_max / 1048576.0
     );
     assert!(
         overloaded > report["ok"].as_u64().unwrap_or(0),
