@@ -305,6 +305,19 @@ fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
         .expect("write garbage");
     let mut raw2 = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     raw2.write_all(&[0xff; 10_000]).ok();
+    // Truncated ZMTP handshakes: half a greeting left hanging, and a whole greeting followed
+    // by a cut-off READY command.
+    let mut half = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    half.write_all(&[0xff, 0, 0, 0, 0, 0, 0, 0, 1])
+        .expect("partial signature");
+    let mut greeting = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0x7f, 3, 0];
+    greeting.extend_from_slice(b"NULL");
+    greeting.resize(64, 0);
+    let mut cut = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    cut.write_all(&greeting).expect("greeting");
+    cut.write_all(&[0x04, 0x29, 0x05, b'R', b'E'])
+        .expect("truncated READY");
+    drop(cut);
 
     assert_eq!(ok(good.request(&[b"after"])), [b"after".to_vec()]);
     let fresh = Client::req(&broker.front);
