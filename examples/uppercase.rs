@@ -9,10 +9,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use broker::config::{Cli, Config};
-use broker::{Broker, Exit, Signals};
+use broker::config::Cli;
 use clap::Parser;
-use worker::{Frame, Handler, HandlerError, MakeHandler};
+use worker::{Frame, Handler, HandlerError};
 
 /// One per worker thread: state here needs no lock.
 struct Uppercase {
@@ -33,33 +32,8 @@ impl Handler for Uppercase {
 }
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(Cli::parse().serve) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = shared::logging::init(config.log_level, config.log_format) {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
-    // Before any thread starts.
-    let signals = match Signals::install() {
-        Ok(signals) => signals,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let make: Arc<dyn MakeHandler> =
-        Arc::new(|_worker| Box::new(Uppercase { served: 0 }) as Box<dyn Handler>);
-    match Broker::new(config, make).run(signals) {
-        Ok(Exit::Drained { .. }) => ExitCode::SUCCESS,
-        Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),
-        Err(e) => {
-            log::error!("fatal: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    // The same flags, env vars, logging, signals and exit codes as the `broker` binary.
+    broker::serve(Cli::parse().serve, |_config| {
+        Arc::new(|_worker| Box::new(Uppercase { served: 0 }) as Box<dyn Handler>)
+    })
 }

@@ -85,6 +85,19 @@ pub struct Report {
 }
 
 impl Report {
+    fn empty() -> Report {
+        Report {
+            sent: 0,
+            ok: 0,
+            errors: BTreeMap::new(),
+            mismatched: 0,
+            unattributed: 0,
+            lost: 0,
+            elapsed: Duration::ZERO,
+            latency: new_histogram(),
+        }
+    }
+
     /// OK replies per second.
     pub fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -207,16 +220,7 @@ pub fn run(args: &BenchArgs) -> Result<Report, Error> {
                 .map_err(|_| Error::Thread)?,
         );
     }
-    let mut report = Report {
-        sent: 0,
-        ok: 0,
-        errors: BTreeMap::new(),
-        mismatched: 0,
-        unattributed: 0,
-        lost: 0,
-        elapsed: Duration::ZERO,
-        latency: new_histogram(),
-    };
+    let mut report = Report::empty();
     for handle in handles {
         let part = handle.join().map_err(|_| Error::Thread)??;
         report.sent += part.sent;
@@ -301,16 +305,7 @@ fn drive(
                 }),
         })
         .collect();
-    let mut report = Report {
-        sent: 0,
-        ok: 0,
-        errors: BTreeMap::new(),
-        mismatched: 0,
-        unattributed: 0,
-        lost: 0,
-        elapsed: Duration::ZERO,
-        latency: new_histogram(),
-    };
+    let mut report = Report::empty();
     let mut body = vec![0xA5u8; plan.size];
     let mut sending = true;
     let mut outstanding = 0usize;

@@ -12,6 +12,7 @@ pub mod lifecycle;
 pub mod probe;
 pub mod signals;
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use shared::Metrics;
@@ -62,6 +63,57 @@ pub enum Error {
     /// The coordinator failed.
     #[error(transparent)]
     Coordinator(#[from] coordinator::Error),
+}
+
+/// The broker's whole serve path, for `main` and for programs that embed the broker with
+/// their own handler (examples/uppercase.rs): validate the flags (exit 2), set up logging
+/// and signals, run, and map the outcome to an exit code (0 drained, 1 fatal, 128+N hard stop).
+pub fn serve(
+    args: config::ServeArgs,
+    make_handler: impl FnOnce(&Config) -> Arc<dyn MakeHandler>,
+) -> ExitCode {
+    // Config errors exit 2 before anything is bound or started.
+    let config = match Config::from_args(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = shared::logging::init(config.log_level, config.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    log_panics();
+    // Before any thread exists, so every thread inherits the blocked mask.
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handler = make_handler(&config);
+    match Broker::new(config, handler).run(signals) {
+        Ok(Exit::Drained { .. }) => ExitCode::SUCCESS,
+        Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),
+        Err(e) => {
+            log::error!("fatal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Handler panics are caught and answered `ERR handler_failed`; log them in the configured
+/// format instead of raw stderr text.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        log::error!(
+            "panic in thread {}: {info}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
 }
 
 /// The built-in handler chosen by `--handler`.

@@ -3,8 +3,7 @@
 
 use std::process::ExitCode;
 
-use broker::config::{Cli, Command, Config};
-use broker::{Broker, Exit, Signals};
+use broker::config::{Cli, Command};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -15,40 +14,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Probe(args)) => broker::probe::run(&args),
         Some(Command::Bench(args)) => bench(&args),
-        None => serve(cli.serve),
-    }
-}
-
-fn serve(args: broker::config::ServeArgs) -> ExitCode {
-    // Config errors exit 2 before anything is bound or started.
-    let config = match Config::from_args(args) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = shared::logging::init(config.log_level, config.log_format) {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
-    log_panics();
-    // Before any thread exists, so every thread inherits the blocked mask.
-    let signals = match Signals::install() {
-        Ok(signals) => signals,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let handler = broker::builtin_handler(&config);
-    match Broker::new(config, handler).run(signals) {
-        Ok(Exit::Drained { .. }) => ExitCode::SUCCESS,
-        Ok(Exit::HardStop(signal)) => ExitCode::from(128 + signal as u8),
-        Err(e) => {
-            log::error!("fatal: {e}");
-            ExitCode::FAILURE
-        }
+        None => broker::serve(cli.serve, broker::builtin_handler),
     }
 }
 
@@ -91,16 +57,4 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         text.lines().next().unwrap_or("error: invalid arguments")
     );
     ExitCode::from(2)
-}
-
-/// Handler panics are caught and answered `ERR handler_failed`; log them in the configured
-/// format instead of raw stderr text.
-fn log_panics() {
-    std::panic::set_hook(Box::new(|info| {
-        let thread = std::thread::current();
-        log::error!(
-            "panic in thread {}: {info}",
-            thread.name().unwrap_or("unnamed")
-        );
-    }));
 }

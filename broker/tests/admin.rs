@@ -315,12 +315,7 @@ fn dropped_replies_are_counted_by_reason() {
     });
     // A client that never reads its replies.
     let ctx = zmq::Context::new();
-    let deaf = ctx.socket(zmq::DEALER).expect("socket");
-    deaf.set_rcvhwm(1).expect("rcvhwm");
-    deaf.set_rcvbuf(4096).expect("rcvbuf");
-    deaf.set_sndhwm(0).expect("sndhwm");
-    deaf.set_linger(0).expect("linger");
-    deaf.connect(&broker.front).expect("connect");
+    let deaf = common::deaf_client(&ctx, &broker.front);
     let payload = [b"0".to_vec(), vec![7u8; 16 * 1024]];
     for _ in 0..4000 {
         deaf.send_multipart(&payload, 0).expect("send");

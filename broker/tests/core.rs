@@ -236,12 +236,7 @@ fn a_client_that_never_reads_does_not_slow_others() {
     // Room for the whole flood, so what is measured is the slow reader, not overload.
     let broker = Broker::start(&["--workers", "2", "--max-inflight", "10000"]);
     let ctx = zmq::Context::new();
-    let deaf = ctx.socket(zmq::DEALER).expect("socket");
-    deaf.set_rcvhwm(1).expect("rcvhwm");
-    deaf.set_rcvbuf(4096).expect("rcvbuf");
-    deaf.set_sndhwm(0).expect("sndhwm");
-    deaf.set_linger(0).expect("linger");
-    deaf.connect(&broker.front).expect("connect");
+    let deaf = common::deaf_client(&ctx, &broker.front);
     let payload = vec![7u8; 16 * 1024];
     // Far more reply bytes than the broker's send queue and the kernel buffers can hold.
     for _ in 0..4000 {

@@ -478,11 +478,7 @@ fn slow_and_vanished_clients_at_scale_do_not_hurt_others() {
     let filler = vec![b'0'; 256];
     let deaf: Vec<zmq::Socket> = (0..100)
         .map(|i| {
-            let s = ctx.socket(zmq::DEALER).expect("socket");
-            s.set_rcvhwm(1).expect("rcvhwm");
-            s.set_rcvbuf(4096).expect("rcvbuf");
-            s.set_linger(0).expect("linger");
-            s.connect(&broker.front).expect("connect");
+            let s = common::deaf_client(&ctx, &broker.front);
             for _ in 0..if i < 10 { 1500 } else { 10 } {
                 s.send_multipart([&b"0"[..], &filler], 0).expect("send");
             }

@@ -327,3 +327,15 @@ pub fn ok_count(broker: &Broker) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// A DEALER that will never read: its receive queue holds one message and a 4 KiB kernel
+/// buffer, so the broker's replies pile up on the broker's side.
+pub fn deaf_client(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
+    let socket = ctx.socket(zmq::DEALER).expect("socket");
+    socket.set_rcvhwm(1).expect("rcvhwm");
+    socket.set_rcvbuf(4096).expect("rcvbuf");
+    socket.set_sndhwm(0).expect("sndhwm");
+    socket.set_linger(0).expect("linger");
+    socket.connect(endpoint).expect("connect");
+    socket
+}
