@@ -72,6 +72,17 @@ pub enum HandlerKind {
     Cpu,
 }
 
+impl HandlerKind {
+    /// The name `--handler` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            HandlerKind::Echo => "echo",
+            HandlerKind::Sleep => "sleep",
+            HandlerKind::Cpu => "cpu",
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormatArg {

@@ -249,9 +249,9 @@ impl Coordinator {
                 drain_deadline = Some(at + self.drain_timeout);
                 self.status.set(State::Draining);
                 log::info!(
-                    "draining {} in-flight requests, deadline {:?}",
+                    "draining {} in-flight requests, deadline {}",
                     self.table.len,
-                    self.drain_timeout
+                    humantime::format_duration(self.drain_timeout)
                 );
             }
             let mut quiet_at = None;
@@ -291,8 +291,8 @@ impl Coordinator {
                         return Ok(Exit::HardStop(sig));
                     }
                     log::info!(
-                        "{sig} received: not ready; serving for {:?} more, then draining",
-                        self.shutdown_delay
+                        "{sig} received: not ready; serving for {} more, then draining",
+                        humantime::format_duration(self.shutdown_delay)
                     );
                     self.status.set(State::Stopping);
                     self.metrics.set_draining();

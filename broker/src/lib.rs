@@ -211,11 +211,11 @@ impl Broker {
             )?);
         }
         log::info!(
-            "front {} admin {} workers {} handler {:?} max-inflight {}",
+            "front {} admin {} workers {} handler {} max-inflight {}",
             config.frontend,
             config.admin,
             config.workers,
-            config.handler,
+            config.handler.name(),
             config.max_inflight
         );
 
