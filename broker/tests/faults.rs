@@ -440,9 +440,10 @@ fn connection_storm_leaks_no_fds() {
 #[test]
 fn slow_and_vanished_clients_at_scale_do_not_hurt_others() {
     let _serial = serial();
+    // Eight sleeping workers, so 200 requests of 100 ms take 2.5 s.
     let broker = Broker::start(&[
         "--workers",
-        "2",
+        "8",
         "--handler",
         "sleep",
         "--max-inflight",
@@ -468,24 +469,29 @@ fn slow_and_vanished_clients_at_scale_do_not_hurt_others() {
         let s = ctx.socket(zmq::DEALER).expect("socket");
         s.set_linger(0).expect("linger");
         s.connect(&broker.front).expect("connect");
-        s.send_multipart([&b""[..], b"20"], 0).expect("send");
+        // Long enough that the broker has seen the disconnect before the reply is ready (a
+        // reply sent before libzmq notices is lost in the closing connection, uncounted).
+        s.send_multipart([&b""[..], b"100"], 0).expect("send");
         s.send_multipart([&b""[..], shared::protocol::HEALTH_REQUEST], 0)
             .expect("send");
         s.poll(zmq::POLLIN, EVENT_TIMEOUT.as_millis() as i64)
             .expect("health reply");
     }
-    // 100 clients that stop reading: ten of them sent more replies than their queues hold.
-    let filler = vec![b'0'; 256];
+    // 100 clients that stop reading. Three of them are sent 12 MiB of replies each: more than
+    // the broker's queue for them (1000 replies) and the kernel's socket buffers (up to 4 MiB
+    // each way) can hold, so some must be dropped.
+    let (small, large) = (vec![b'0'; 256], vec![b'0'; 4096]);
     let deaf: Vec<zmq::Socket> = (0..100)
         .map(|i| {
             let s = common::deaf_client(&ctx, &broker.front);
-            for _ in 0..if i < 10 { 1500 } else { 10 } {
-                s.send_multipart([&b"0"[..], &filler], 0).expect("send");
+            let (count, filler) = if i < 3 { (3000, &large) } else { (10, &small) };
+            for _ in 0..count {
+                s.send_multipart([&b"0"[..], filler], 0).expect("send");
             }
             s
         })
         .collect();
-    let flood = 200.0 + 10.0 * 1500.0 + 90.0 * 10.0;
+    let flood = 200.0 + 3.0 * 3000.0 + 97.0 * 10.0;
     eventually("the flood is answered", Duration::from_secs(60), || {
         metric(&broker, "broker_requests_total{outcome=\"ok\"}") >= 200.0 + flood
     });
