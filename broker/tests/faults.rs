@@ -38,9 +38,10 @@ struct Slot {
 
 impl Slot {
     fn new() -> Slot {
+        // Restarted replicas bind the same ports again.
         Slot {
-            zmq: free_port(),
-            admin: free_port(),
+            zmq: common::stable_port(),
+            admin: common::stable_port(),
         }
     }
 

@@ -26,6 +26,31 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A free port outside the kernel's ephemeral range, for a listener that must be re-bound on
+/// the same port later (a restart): no outgoing connection can be given it as its source
+/// port in between, which can happen to a port from [`free_port`].
+pub fn stable_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            r.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+        })
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).max(1);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let port = 10_000 + (seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span);
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
 /// The real broker binary, running.
 pub struct Broker {
     child: Child,
