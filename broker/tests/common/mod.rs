@@ -18,17 +18,15 @@ use shared::protocol::{parse_reply, Reply};
 /// How long any single event may take before a test fails loudly.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, from outside the kernel's ephemeral range,
+/// so no outgoing connection (a client's, haproxy's) can be given it before the broker binds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    stable_port()
 }
 
-/// A free port outside the kernel's ephemeral range, for a listener that must be re-bound on
-/// the same port later (a restart): no outgoing connection can be given it as its source
-/// port in between, which can happen to a port from [`free_port`].
+/// A free port outside the kernel's ephemeral range. Ports a test binds twice (a restarted
+/// replica) must come from here: a port from the ephemeral range can be handed to an outgoing
+/// connection as its source port in between.
 pub fn stable_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
