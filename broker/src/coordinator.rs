@@ -183,7 +183,9 @@ pub struct Coordinator {
     threads: Vec<worker::Worker>,
     workers: Vec<WorkerState>,
     idle: Vec<u32>,
+    /// Receive buffers reused across turns: front requests, worker messages.
     frames: Vec<Message>,
+    worker_frames: Vec<Message>,
     /// Lifetime totals, logged at exit: every request read must have been answered.
     read: u64,
     answered: u64,
@@ -229,6 +231,7 @@ impl Coordinator {
             workers,
             threads,
             frames: Vec::with_capacity(8),
+            worker_frames: Vec::with_capacity(8),
             read: 0,
             answered: 0,
             undeliverable: 0,
@@ -431,18 +434,9 @@ impl Coordinator {
             Message::from(&ticket.to_bytes()[..]),
         ];
         // The worker said READY and is idle, so its inproc pipe has room: this cannot block.
-        let mut frames = head.into_iter().chain(body).peekable();
-        while let Some(frame) = frames.next() {
-            let more = if frames.peek().is_some() {
-                zmq::SNDMORE
-            } else {
-                0
-            };
-            if let Err(e) = send_one(&self.backend, frame, more) {
-                // Only possible if the worker thread died; its request times out at drain.
-                log::error!("cannot dispatch to worker {w}: {e}");
-                return;
-            }
+        if let Err(e) = send_frames(&self.backend, head.into_iter().chain(body), 0) {
+            // Only possible if the worker thread died; its request times out at drain.
+            log::error!("cannot dispatch to worker {w}: {e}");
         }
     }
 
@@ -463,19 +457,22 @@ impl Coordinator {
 
     /// Reads READY announcements and replies from the workers.
     fn read_backend(&mut self) -> Result<(), Error> {
-        let mut frames = Vec::with_capacity(6);
-        loop {
+        // A buffer kept across calls: this runs on every wake-up under load.
+        let mut frames = std::mem::take(&mut self.worker_frames);
+        let result = loop {
             match recv_frames(&self.backend, zmq::DONTWAIT, &mut frames) {
                 Ok(()) => self.on_worker_message(&mut frames),
-                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(zmq::Error::EAGAIN) => break Ok(()),
                 Err(source) => {
-                    return Err(Error::Socket {
+                    break Err(Error::Socket {
                         socket: "backend",
                         source,
                     })
                 }
             }
-        }
+        };
+        self.worker_frames = frames;
+        result
     }
 
     fn on_worker_message(&mut self, frames: &mut Vec<Message>) {
@@ -555,22 +552,14 @@ impl Coordinator {
             self.metrics.count_drop(reason);
             return;
         }
-        if delimiter {
-            let _ = send_one(&self.front, Message::new(), zmq::DONTWAIT | zmq::SNDMORE);
-        }
         let mut sent = 0;
-        let mut body = body.into_iter().peekable();
-        while let Some(frame) = body.next() {
-            let more = if body.peek().is_some() {
-                zmq::SNDMORE
-            } else {
-                0
-            };
-            sent += frame.len();
-            if let Err(e) = send_one(&self.front, frame, zmq::DONTWAIT | more) {
-                log::debug!("reply cut short: {e}");
-                break;
-            }
+        let rest = delimiter
+            .then(Message::new)
+            .into_iter()
+            .chain(body)
+            .inspect(|frame| sent += frame.len());
+        if let Err(e) = send_frames(&self.front, rest, zmq::DONTWAIT) {
+            log::debug!("reply cut short: {e}");
         }
         self.rec.reply_sent(sent);
     }

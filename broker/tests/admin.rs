@@ -8,9 +8,9 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{err_code, eventually, ok, Broker, Client, EVENT_TIMEOUT};
+use common::{err_code, eventually, ok, sync_read, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
-use shared::protocol::{Reply, HEALTH_REQUEST};
+use shared::protocol::Reply;
 use shared::ErrorCode;
 
 /// One scrape, parsed: metric name + sorted labels -> value.
@@ -75,17 +75,6 @@ impl Scrape {
     fn outcome(&self, outcome: &str) -> f64 {
         self.get(&format!("broker_requests_total{{outcome={outcome}}}"))
     }
-}
-
-/// Reads replies on `client` up to and including the health reply that marks "all sent so far
-/// have been read by the broker".
-fn sync_read(client: &Client) {
-    client.send(&[HEALTH_REQUEST]);
-    let reply = client.recv_reply();
-    assert!(
-        matches!(reply, Reply::Ok(ref f) if f.len() == 1),
-        "{reply:?}"
-    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{err_code, ok, Broker, Client, EVENT_TIMEOUT};
+use common::{err_code, ok, sync_read, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
 use shared::protocol::Reply;
 use shared::ErrorCode;
@@ -25,13 +25,6 @@ fn echo_round_trip_for_req_and_dealer_clients() {
         );
         assert_eq!(ok(client.request(&[b"x"])), [b"x".to_vec()]);
     }
-}
-
-/// Sends a health request on `client` and waits for its reply: every request sent on the same
-/// connection before it has then been read by the broker (one connection is read in order).
-fn sync_read(client: &Client) {
-    let reply = client.request(&[shared::protocol::HEALTH_REQUEST]);
-    assert!(matches!(reply, Reply::Ok(_)), "health reply: {reply:?}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use broker::client::{Client as RetryClient, RetryPolicy, Stats};
-use common::{eventually, free_port, ok, Broker, Client, EVENT_TIMEOUT};
+use common::{eventually, free_port, metric, ok, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
 
 /// These tests load both cores; run them one at a time so none measures another's load.
@@ -209,10 +209,6 @@ impl Load {
     }
 }
 
-fn ok_total(broker: &Broker) -> u64 {
-    common::ok_count(broker)
-}
-
 #[test]
 fn rolling_restart_behind_a_balancer_fails_no_request() {
     let _serial = serial();
@@ -234,7 +230,7 @@ fn rolling_restart_behind_a_balancer_fails_no_request() {
     }
     let load = Load::start(&haproxy.endpoint(), 6, b"2");
     eventually("load reaches the brokers", EVENT_TIMEOUT, || {
-        brokers.iter().map(ok_total).sum::<u64>() >= 200
+        brokers.iter().map(common::ok_count).sum::<u64>() >= 200
     });
 
     let mut drains = Vec::new();
@@ -251,7 +247,7 @@ fn rolling_restart_behind_a_balancer_fails_no_request() {
     }
     // The restarted replicas take traffic again.
     eventually("traffic after the restarts", EVENT_TIMEOUT, || {
-        brokers.iter().map(ok_total).sum::<u64>() >= 200
+        brokers.iter().map(common::ok_count).sum::<u64>() >= 200
     });
     let stats = load.finish();
     eprintln!("rolling restart: {stats:?}; SIGTERM-to-exit per replica {drains:?}");
@@ -271,15 +267,19 @@ fn a_crashed_replica_costs_retries_not_requests() {
     }
     let load = Load::start(&haproxy.endpoint(), 6, b"2");
     eventually("load on every replica", EVENT_TIMEOUT, || {
-        brokers.iter().all(|b| ok_total(b) >= 20)
+        brokers.iter().all(|b| common::ok_count(b) >= 20)
     });
     brokers[1].signal(Signal::SIGKILL);
     let status = brokers[1].wait_exit(EVENT_TIMEOUT);
     assert_eq!(status.code(), None, "killed by a signal");
     haproxy.wait_status(1, "DOWN");
-    let before: u64 = [0, 2].iter().map(|&i| ok_total(&brokers[i])).sum();
+    let before: u64 = [0, 2].iter().map(|&i| common::ok_count(&brokers[i])).sum();
     eventually("the survivors carry the load", EVENT_TIMEOUT, || {
-        [0, 2].iter().map(|&i| ok_total(&brokers[i])).sum::<u64>() >= before + 500
+        [0, 2]
+            .iter()
+            .map(|&i| common::ok_count(&brokers[i]))
+            .sum::<u64>()
+            >= before + 500
     });
     let stats = load.finish();
     eprintln!("crash: {stats:?}");
@@ -288,16 +288,6 @@ fn a_crashed_replica_costs_retries_not_requests() {
         stats.timeouts + stats.retries > 0,
         "the crash is visible in the clients' counts: {stats:?}"
     );
-}
-
-fn metric(broker: &Broker, name: &str) -> f64 {
-    broker
-        .http_get("/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 #[test]

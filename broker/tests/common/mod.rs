@@ -340,15 +340,36 @@ pub fn assert_all_answered(broker: &Broker) {
     assert_eq!(tail[0], tail[1], "read vs answered: {line}");
 }
 
-/// `broker_requests_total{outcome="ok"}` from a scrape (a plain read, for waiting on progress).
-pub fn ok_count(broker: &Broker) -> u64 {
+/// The value of one sample (`name` with its labels, as the text format writes it) from a
+/// scrape of /metrics, or NaN when it is absent. A plain read, for waiting on progress.
+pub fn metric(broker: &Broker, name: &str) -> f64 {
     broker
         .http_get("/metrics")
         .1
         .lines()
-        .find_map(|l| l.strip_prefix("broker_requests_total{outcome=\"ok\"} "))
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(f64::NAN)
+}
+
+/// `broker_requests_total{outcome="ok"}`, 0 when absent.
+pub fn ok_count(broker: &Broker) -> u64 {
+    let ok = metric(broker, "broker_requests_total{outcome=\"ok\"}");
+    if ok.is_nan() {
+        0
+    } else {
+        ok as u64
+    }
+}
+
+/// Sends a health request on `client` and waits for its reply: every request sent on the same
+/// connection before it has then been read by the broker (one connection is read in order).
+pub fn sync_read(client: &Client) {
+    let reply = client.request(&[shared::protocol::HEALTH_REQUEST]);
+    assert!(
+        matches!(reply, Reply::Ok(ref frames) if frames.len() == 1),
+        "health reply: {reply:?}"
+    );
 }
 
 /// A DEALER that will never read: its receive queue holds one message and a 4 KiB kernel
