@@ -19,7 +19,7 @@ fn parsing(c: &mut Criterion) {
     c.bench_function("envelope_and_classify", |b| {
         b.iter(|| {
             let n = envelope_len(black_box(&frames)).unwrap_or(0);
-            black_box(classify(&frames[n..], 1 << 20))
+            black_box(classify(&frames[..n], &frames[n..], 1 << 20))
         })
     });
     c.bench_function("ticket_round_trip", |b| {

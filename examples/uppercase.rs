@@ -9,8 +9,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use broker::config::Cli;
-use clap::Parser;
+use broker::config::ServeCli;
 use worker::{Frame, Handler, HandlerError};
 
 /// One per worker thread: state here needs no lock.
@@ -33,7 +32,11 @@ impl Handler for Uppercase {
 
 fn main() -> ExitCode {
     // The same flags, env vars, logging, signals and exit codes as the `broker` binary.
-    broker::serve(Cli::parse().serve, |_config| {
+    let cli = match broker::parse_args::<ServeCli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    broker::serve(cli.serve, |_config| {
         Arc::new(|_worker| Box::new(Uppercase { served: 0 }) as Box<dyn Handler>)
     })
 }

@@ -101,7 +101,7 @@ impl ZapHandler {
             let address = String::from_utf8_lossy(&self.frames[3]).into_owned();
             let allowed = self.allow.allows(&address);
             if !allowed {
-                self.metrics.connection_refused();
+                self.metrics.connection_refused("allowlist");
                 log::debug!("connection from {address} refused: not in --allow-from");
             }
             let (code, text) = if allowed {
@@ -121,6 +121,29 @@ impl ZapHandler {
             if let Err(e) = send_frames(&self.socket, reply, zmq::DONTWAIT) {
                 log::error!("ZAP handler: reply failed: {e}");
             }
+        }
+    }
+}
+
+/// `broker keygen`: prints a new CURVE key pair in the format the key-file flags read.
+pub fn keygen() -> std::process::ExitCode {
+    if zmq::has("curve") != Some(true) {
+        eprintln!("error: this libzmq was built without CURVE (libsodium)");
+        return std::process::ExitCode::FAILURE;
+    }
+    match zmq::CurveKeyPair::new() {
+        Ok(pair) => {
+            let z85 = |key: &[u8; 32]| zmq::z85_encode(key).unwrap_or_default();
+            println!(
+                "# CURVE key pair (Z85). The public key may be shared; keep the secret one secret."
+            );
+            println!("public-key = \"{}\"", z85(&pair.public_key));
+            println!("secret-key = \"{}\"", z85(&pair.secret_key));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot generate a key pair: {e}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

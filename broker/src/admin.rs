@@ -1,7 +1,8 @@
 //! The admin HTTP server: `/metrics`, `/livez` (alias `/healthz`) and `/readyz`, served by hyper
 //! on its own named thread with a current-thread runtime, apart from the ZeroMQ data path. It
-//! keeps answering through the drain; a slow or malformed client is cut off by timeouts and a
-//! connection cap and cannot stall it.
+//! keeps answering through the drain. Idle, slow or malformed clients cannot starve the probes:
+//! headers must arrive within [`HEADER_TIMEOUT`], and when [`MAX_CONNECTIONS`] are open the
+//! oldest is closed to make room, so a new connection (a kubelet probe) is always served.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,17 +15,18 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use shared::Metrics;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Notify};
 
 use crate::lifecycle::Status;
 
-/// A client gets this long to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client gets this long to send its request headers (a probe sends them at once).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// No connection lives longer than this, keep-alive included.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 64;
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections open at once; a new one beyond it closes the oldest.
+pub const MAX_CONNECTIONS: usize = 256;
 /// The Prometheus text exposition format.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -48,7 +50,6 @@ pub enum Error {
 pub struct Admin {
     shutdown: oneshot::Sender<()>,
     thread: JoinHandle<()>,
-    addr: SocketAddr,
 }
 
 impl Admin {
@@ -77,16 +78,7 @@ impl Admin {
             })
             .map_err(Error::Start)?;
         log::info!("admin server on http://{addr}");
-        Ok(Admin {
-            shutdown,
-            thread,
-            addr,
-        })
-    }
-
-    /// The bound address (useful with port 0).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(Admin { shutdown, thread })
     }
 
     /// Stops accepting, drops open connections and joins the thread.
@@ -103,13 +95,20 @@ struct AdminState {
     metrics: Arc<Metrics>,
 }
 
+/// The open connections, oldest first, each with the means to close it.
+#[derive(Default)]
+struct Live {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, Arc<Notify>)>,
+}
+
 async fn serve(
     listener: std::net::TcpListener,
     state: Arc<AdminState>,
     mut stop: oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let live = Arc::new(Mutex::new(Live::default()));
     loop {
         let (stream, _peer) = tokio::select! {
             _ = &mut stop => return Ok(()),
@@ -123,10 +122,21 @@ async fn serve(
                 }
             },
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            continue; // dropping the stream closes it
+        let close = Arc::new(Notify::new());
+        let id = {
+            let mut live = live.lock();
+            if live.open.len() >= MAX_CONNECTIONS {
+                // The oldest connection is the likeliest to be idle; the newest may be a probe.
+                if let Some((_, oldest)) = live.open.pop_front() {
+                    oldest.notify_one();
+                }
+            }
+            live.next_id += 1;
+            let id = live.next_id;
+            live.open.push_back((id, Arc::clone(&close)));
+            id
         };
-        let state = Arc::clone(&state);
+        let (state, live) = (Arc::clone(&state), Arc::clone(&live));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = Arc::clone(&state);
@@ -136,8 +146,11 @@ async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
-            drop(permit);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
+                () = close.notified() => {}
+            }
+            live.lock().open.retain(|(open, _)| *open != id);
         });
     }
 }

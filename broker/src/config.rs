@@ -1,15 +1,18 @@
 //! Command-line and environment configuration: clap flags (each with a `BROKER_*` env var),
-//! their defaults as named constants, and the validated [`Config`] the rest of the code takes.
+//! their defaults and accepted ranges as named constants, and the validated [`Config`] the
+//! rest of the code takes. Every value accepted here works: anything else is refused with
+//! exit code 2 and one line naming the flag, before anything binds.
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use log::LevelFilter;
 use shared::logging::LogFormat;
+use shared::parse::{bounded_duration, count};
 
-/// Defaults, named once; the README's configuration table mirrors them.
+/// Defaults and limits, named once; the README's configuration table mirrors them.
 pub mod defaults {
     use std::time::Duration;
 
@@ -17,48 +20,79 @@ pub mod defaults {
     pub const FRONTEND: &str = "tcp://0.0.0.0:5555";
     /// `--admin`
     pub const ADMIN: &str = "0.0.0.0:8000";
-    /// `--max-inflight` is this many per worker unless set.
-    pub const INFLIGHT_PER_WORKER: usize = 64;
+    /// `--max-inflight`
+    pub const MAX_INFLIGHT: usize = 4096;
+    /// `--max-inflight-bytes`
+    pub const MAX_INFLIGHT_BYTES: &str = "64MiB";
     /// `--max-message-bytes`
-    pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+    pub const MAX_MESSAGE_BYTES: &str = "1MiB";
+    /// `--max-connections`
+    pub const MAX_CONNECTIONS: usize = 1000;
+    /// `--max-connection-bytes`
+    pub const MAX_CONNECTION_BYTES: &str = "4MiB";
+    /// `--max-buffered-bytes`
+    pub const MAX_BUFFERED_BYTES: &str = "64MiB";
+    /// `--stall-timeout`
+    pub const STALL_TIMEOUT: &str = "10s";
     /// `--max-sleep`
-    pub const MAX_SLEEP: Duration = Duration::from_secs(10);
+    pub const MAX_SLEEP: &str = "10s";
     /// `--shutdown-delay`
-    pub const SHUTDOWN_DELAY: Duration = Duration::ZERO;
+    pub const SHUTDOWN_DELAY: &str = "0s";
     /// `--drain-timeout`
-    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DRAIN_TIMEOUT: &str = "10s";
     /// `--stuck-after`
-    pub const STUCK_AFTER: Duration = Duration::from_secs(30);
+    pub const STUCK_AFTER: &str = "30s";
     /// `--cpu-rounds`
     pub const CPU_ROUNDS: u64 = 10_000;
+    /// `--handler`
+    pub const HANDLER: &str = "echo";
+    /// `--log-level`
+    pub const LOG_LEVEL: &str = "info";
+    /// `--log-format`
+    pub const LOG_FORMAT: &str = "text";
     /// How long queued replies may take to leave at exit (the front socket's linger).
     pub const FLUSH_LINGER: Duration = Duration::from_secs(1);
 }
 
-/// A ZeroMQ request/reply worker-pool broker for Kubernetes.
+/// The largest value each flag accepts: beyond these a setting cannot work on any machine
+/// (a timer past the end of `Instant`, more threads or sockets than libzmq or the kernel allow).
+pub mod limits {
+    use std::time::Duration;
+
+    /// Longest `--shutdown-delay`, `--drain-timeout`, `--max-sleep`, `--stall-timeout`.
+    pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+    /// Longest `--stuck-after`.
+    pub const MAX_STUCK_AFTER: Duration = Duration::from_secs(86_400);
+    /// Most `--workers`: each is a thread and a socket on the inproc context, and libzmq
+    /// allows 1023 sockets per context (the coordinator's end takes one more).
+    pub const MAX_WORKERS: usize = 1000;
+    /// Most `--max-inflight`.
+    pub const MAX_INFLIGHT: usize = 1_000_000;
+    /// Most `--max-connections`.
+    pub const MAX_CONNECTIONS: usize = 100_000;
+    /// Largest `--max-message-bytes` (libzmq allocates a frame at its declared size).
+    pub const MAX_MESSAGE_BYTES: u64 = 256 * 1024 * 1024;
+    /// Largest byte budget of any kind.
+    pub const MAX_BUDGET: u64 = 1 << 40;
+    /// Most `--cpu-rounds`.
+    pub const MAX_CPU_ROUNDS: u64 = 1_000_000_000;
+    /// The smallest frame limit set on the front socket: the ZMTP handshake (a READY command
+    /// with the peer's metadata) must fit, or no client can connect.
+    pub const MIN_FRAME_LIMIT: u64 = 64 * 1024;
+}
+
+/// The broker's own command line, without the tools' subcommands: for programs that embed
+/// the broker with their own handler (examples/uppercase.rs).
 #[derive(Debug, Parser)]
 #[command(
     name = "broker",
     version,
-    about,
-    args_conflicts_with_subcommands = true
+    about = "A ZeroMQ request/reply worker-pool broker"
 )]
-pub struct Cli {
-    /// Run a tool instead of the broker.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// Broker flags (when no subcommand is given).
+pub struct ServeCli {
+    /// The broker's flags.
     #[command(flatten)]
     pub serve: ServeArgs,
-}
-
-/// Subcommands besides serving.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Health-check a running broker (for exec probes): exit 0 on a reply, 1 otherwise.
-    Probe(ProbeArgs),
-    /// Load a running broker and report throughput and latency.
-    Bench(crate::bench::BenchArgs),
 }
 
 /// Which built-in handler the workers run.
@@ -68,7 +102,7 @@ pub enum HandlerKind {
     Echo,
     /// Sleep for the milliseconds in the first frame (capped by --max-sleep), then echo.
     Sleep,
-    /// Burn a fixed amount of CPU (--cpu-rounds, or rounds in the first frame), then echo.
+    /// Burn --cpu-rounds hash rounds (fewer if the first frame asks), then echo.
     Cpu,
 }
 
@@ -110,52 +144,74 @@ pub enum LogLevelArg {
 }
 
 /// Flags of the broker itself.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
-    /// ZeroMQ endpoint the front ROUTER socket binds.
-    #[arg(long, env = "BROKER_FRONTEND", default_value = defaults::FRONTEND)]
-    pub frontend: String,
+    /// ZeroMQ endpoint the front ROUTER binds: tcp://IP:PORT, tcp://*:PORT or ipc://PATH.
+    #[arg(long, env = "BROKER_FRONTEND", default_value = defaults::FRONTEND, value_parser = parse_endpoint)]
+    pub frontend: Endpoint,
     /// Address of the admin HTTP server (/metrics, /livez, /readyz).
     #[arg(long, env = "BROKER_ADMIN", default_value = defaults::ADMIN)]
     pub admin: SocketAddr,
-    /// Worker threads [default: the CPUs this process may use]
-    #[arg(long, env = "BROKER_WORKERS")]
+    /// Worker threads, 1 to 1000 [default: the CPUs this process may use]
+    #[arg(long, env = "BROKER_WORKERS", value_parser = parse_workers)]
     pub workers: Option<NonZeroUsize>,
     /// Handler the workers run.
-    #[arg(long, env = "BROKER_HANDLER", value_enum, default_value = "echo")]
+    #[arg(long, env = "BROKER_HANDLER", value_enum, ignore_case = true, default_value = defaults::HANDLER)]
     pub handler: HandlerKind,
-    /// Longest sleep the `sleep` handler grants.
-    #[arg(long, env = "BROKER_MAX_SLEEP", value_parser = parse_duration, default_value = "10s")]
+    /// Longest sleep the `sleep` handler grants (at most 1h).
+    #[arg(long, env = "BROKER_MAX_SLEEP", value_parser = parse_wait, default_value = defaults::MAX_SLEEP)]
     pub max_sleep: Duration,
-    /// Rounds of work per request for the `cpu` handler when the request does not say.
-    #[arg(long, env = "BROKER_CPU_ROUNDS", default_value_t = defaults::CPU_ROUNDS)]
+    /// Hash rounds per request for the `cpu` handler; a request may ask for fewer.
+    #[arg(long, env = "BROKER_CPU_ROUNDS", default_value_t = defaults::CPU_ROUNDS,
+          value_parser = clap::value_parser!(u64).range(0..=limits::MAX_CPU_ROUNDS))]
     pub cpu_rounds: u64,
-    /// Requests held at once (queued + running); beyond it `ERR overloaded` [default: 64 per worker]
-    #[arg(long, env = "BROKER_MAX_INFLIGHT")]
-    pub max_inflight: Option<NonZeroUsize>,
-    /// Largest request body in bytes; larger gets `ERR too_large`.
-    #[arg(long, env = "BROKER_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
-    pub max_message_bytes: usize,
-    /// After SIGTERM, keep serving (while not ready) this long before draining.
-    #[arg(long, env = "BROKER_SHUTDOWN_DELAY", value_parser = parse_duration, default_value = "0s")]
+    /// Requests held at once (queued + running), 1 to 1,000,000; beyond it `ERR overloaded`.
+    #[arg(long, env = "BROKER_MAX_INFLIGHT", default_value_t = defaults::MAX_INFLIGHT,
+          value_parser = count::<1, { limits::MAX_INFLIGHT }>)]
+    pub max_inflight: usize,
+    /// Request bytes held at once (each frame counts its size plus 64); beyond it
+    /// `ERR overloaded`. Sizes take 1048576, 1MiB, 1Mi, 1MB (=10^6).
+    #[arg(long, env = "BROKER_MAX_INFLIGHT_BYTES", default_value = defaults::MAX_INFLIGHT_BYTES, value_parser = parse_size)]
+    pub max_inflight_bytes: u64,
+    /// Largest request (body plus envelope) and, doubled, largest reply; larger requests get
+    /// `ERR too_large`.
+    #[arg(long, env = "BROKER_MAX_MESSAGE_BYTES", default_value = defaults::MAX_MESSAGE_BYTES, value_parser = parse_size)]
+    pub max_message_bytes: u64,
+    /// Front connections at once; more are closed on arrival and counted.
+    #[arg(long, env = "BROKER_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS,
+          value_parser = count::<1, { limits::MAX_CONNECTIONS }>)]
+    pub max_connections: usize,
+    /// Bytes one connection may hold in the broker in each direction (requests still arriving
+    /// or unread, replies not yet taken by the client); an inbound excess resets the
+    /// connection, an outbound one drops the reply.
+    #[arg(long, env = "BROKER_MAX_CONNECTION_BYTES", default_value = defaults::MAX_CONNECTION_BYTES, value_parser = parse_size)]
+    pub max_connection_bytes: u64,
+    /// Bytes all connections together may hold; beyond it the largest holders are reset and
+    /// replies dropped.
+    #[arg(long, env = "BROKER_MAX_BUFFERED_BYTES", default_value = defaults::MAX_BUFFERED_BYTES, value_parser = parse_size)]
+    pub max_buffered_bytes: u64,
+    /// A connection that holds bytes without progress (no complete request arriving, or its
+    /// replies not read) for this long is reset (at most 1h).
+    #[arg(long, env = "BROKER_STALL_TIMEOUT", value_parser = parse_wait, default_value = defaults::STALL_TIMEOUT)]
+    pub stall_timeout: Duration,
+    /// Memory the process must stay under: near it the broker refuses new work and resets
+    /// the connections holding the most [default: the cgroup's memory limit, if any].
+    #[arg(long, env = "BROKER_MEMORY_LIMIT", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// After SIGTERM, keep serving (while not ready) this long before draining (at most 1h).
+    #[arg(long, env = "BROKER_SHUTDOWN_DELAY", value_parser = parse_wait, default_value = defaults::SHUTDOWN_DELAY)]
     pub shutdown_delay: Duration,
-    /// Longest wait for in-flight requests once draining; then `ERR timeout`.
-    #[arg(long, env = "BROKER_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    /// Longest wait for in-flight requests once draining; then `ERR timeout` (at most 1h).
+    #[arg(long, env = "BROKER_DRAIN_TIMEOUT", value_parser = parse_positive_wait, default_value = defaults::DRAIN_TIMEOUT)]
     pub drain_timeout: Duration,
-    /// /livez fails when the pipeline makes no progress for this long.
-    #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = parse_duration, default_value = "30s")]
+    /// /livez fails when the pipeline makes no progress for this long (at most 24h).
+    #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = parse_stuck_after, default_value = defaults::STUCK_AFTER)]
     pub stuck_after: Duration,
-    /// Log level.
-    #[arg(
-        long,
-        alias = "loglevel",
-        env = "BROKER_LOG_LEVEL",
-        value_enum,
-        default_value = "info"
-    )]
+    /// Log level (any case).
+    #[arg(long, alias = "loglevel", env = "BROKER_LOG_LEVEL", value_enum, ignore_case = true, default_value = defaults::LOG_LEVEL)]
     pub log_level: LogLevelArg,
-    /// Log format.
-    #[arg(long, env = "BROKER_LOG_FORMAT", value_enum, default_value = "text")]
+    /// Log format (any case).
+    #[arg(long, env = "BROKER_LOG_FORMAT", value_enum, ignore_case = true, default_value = defaults::LOG_FORMAT)]
     pub log_format: LogFormatArg,
     /// Accept front connections only from this network (CIDR; repeat, or comma-separate in
     /// the env var). Unset: accept all (use a NetworkPolicy).
@@ -166,60 +222,138 @@ pub struct ServeArgs {
     pub no_metrics: bool,
 }
 
-/// Flags of `broker probe`.
-#[derive(Debug, Args)]
-pub struct ProbeArgs {
-    /// Broker front endpoint to send the health request to.
-    #[arg(
-        long,
-        env = "BROKER_PROBE_ENDPOINT",
-        default_value = "tcp://127.0.0.1:5555"
-    )]
-    pub endpoint: String,
-    /// Give up (exit 1) when no reply came within this time.
-    #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = parse_duration, default_value = "500ms")]
-    pub timeout: Duration,
-    /// Probe this admin URL (e.g. http://127.0.0.1:8000/livez) instead; 2xx is healthy.
-    #[arg(long, env = "BROKER_PROBE_HTTP")]
-    pub http: Option<String>,
+/// A front endpoint that libzmq can bind and a client can reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    text: String,
+    port: Option<u16>,
 }
 
-/// Parses `500ms`, `5s`, `1m` or a bare `0`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    if text.trim() == "0" {
-        return Ok(Duration::ZERO);
+impl Endpoint {
+    /// The endpoint as libzmq takes it.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e} (expected a duration such as 500ms, 5s or 1m)"))
+
+    /// The TCP port (`None` for ipc://).
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
 }
 
-/// A flag combination that parses but cannot run.
-#[derive(Debug, thiserror::Error)]
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Parses `tcp://IP:PORT`, `tcp://*:PORT`, `tcp://[IPv6]:PORT` or `ipc://PATH`. Host names
+/// and interface names are refused: what a broker binds should not depend on a lookup.
+pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    const EXPECTED: &str = "expected tcp://IP:PORT, tcp://*:PORT or ipc://PATH";
+    if let Some(path) = text.strip_prefix("ipc://") {
+        // sun_path holds 108 bytes with the terminating NUL.
+        if path.is_empty() || path.len() > 107 || path.contains('\0') {
+            return Err(format!("{EXPECTED}; an ipc path is 1 to 107 bytes"));
+        }
+        return Ok(Endpoint {
+            text: text.to_owned(),
+            port: None,
+        });
+    }
+    let hostport = text.strip_prefix("tcp://").ok_or(EXPECTED)?;
+    let (host, port) = hostport.rsplit_once(':').ok_or(EXPECTED)?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{EXPECTED}; the port must be 1 to 65535"))?;
+    let host_ok = host == "*"
+        || host.parse::<std::net::Ipv4Addr>().is_ok()
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+    if !host_ok {
+        return Err(format!("{EXPECTED}; the host must be an IP address or *"));
+    }
+    Ok(Endpoint {
+        text: text.to_owned(),
+        port: Some(port),
+    })
+}
+
+fn parse_workers(text: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = text
+        .parse()
+        .map_err(|_| format!("expected a number from 1 to {}", limits::MAX_WORKERS))?;
+    NonZeroUsize::new(n)
+        .filter(|n| n.get() <= limits::MAX_WORKERS)
+        .ok_or_else(|| format!("expected a number from 1 to {}", limits::MAX_WORKERS))
+}
+
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, limits::MAX_WAIT, false)
+}
+
+fn parse_positive_wait(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, limits::MAX_WAIT, true)
+}
+
+fn parse_stuck_after(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, limits::MAX_STUCK_AFTER, true)
+}
+
+/// Parses a byte size: a plain number, or one with a unit: `Ki`/`KiB`, `Mi`/`MiB`, `Gi`/`GiB`
+/// (powers of 1024, as Kubernetes quantities), `K`/`KB`, `M`/`MB`, `G`/`GB` (powers of 1000).
+/// Units are case-insensitive.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "expected a size such as 1048576, 64KiB, 1Mi or 2GB";
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| EXPECTED)?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "ki" | "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mi" | "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gi" | "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "ti" | "tib" => 1 << 40,
+        _ => return Err(EXPECTED.into()),
+    };
+    number
+        .checked_mul(multiplier)
+        .filter(|n| *n <= limits::MAX_BUDGET)
+        .ok_or_else(|| format!("at most {} bytes are accepted", limits::MAX_BUDGET))
+}
+
+/// A flag combination that parses but cannot work.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `--max-message-bytes 0`
-    #[error("invalid value for --max-message-bytes: must be at least 1")]
-    ZeroMessageBytes,
-    /// The endpoint is not `transport://address`.
-    #[error(
-        "invalid value '{0}' for --frontend: expected transport://address, e.g. tcp://0.0.0.0:5555"
-    )]
-    BadEndpoint(String),
-    /// `--drain-timeout 0`
-    #[error("invalid value for --drain-timeout: must be more than 0")]
-    ZeroDrainTimeout,
-    /// `--stuck-after 0`
-    #[error("invalid value for --stuck-after: must be more than 0")]
-    ZeroStuckAfter,
+    /// A size outside what can work.
+    #[error("invalid value for {flag}: {why}")]
+    Range {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        why: String,
+    },
     /// The CPU count could not be read and --workers was not given.
     #[error("cannot tell how many CPUs this process may use ({0}); set --workers")]
-    NoParallelism(std::io::Error),
+    NoParallelism(String),
 }
 
 /// Validated broker configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Front socket endpoint.
-    pub frontend: String,
+    pub frontend: Endpoint,
     /// Admin HTTP address.
     pub admin: SocketAddr,
     /// Pool size.
@@ -228,12 +362,28 @@ pub struct Config {
     pub handler: HandlerKind,
     /// `sleep` handler cap.
     pub max_sleep: Duration,
-    /// `cpu` handler default rounds.
+    /// `cpu` handler rounds.
     pub cpu_rounds: u64,
     /// Requests held at once.
     pub max_inflight: usize,
-    /// Largest request body.
+    /// Request bytes held at once.
+    pub max_inflight_bytes: usize,
+    /// Largest request (body + envelope).
     pub max_message_bytes: usize,
+    /// Largest single frame libzmq accepts on the front socket.
+    pub frame_limit: usize,
+    /// Largest reply body a handler may return.
+    pub max_reply_bytes: usize,
+    /// Front connections at once.
+    pub max_connections: usize,
+    /// Bytes one connection may hold, per direction.
+    pub max_connection_bytes: usize,
+    /// Bytes all connections may hold together.
+    pub max_buffered_bytes: usize,
+    /// How long a connection may hold bytes without progress.
+    pub stall_timeout: Duration,
+    /// The memory the process must stay under, if known.
+    pub memory_limit: Option<u64>,
     /// Serve-while-not-ready time after SIGTERM.
     pub shutdown_delay: Duration,
     /// Drain deadline.
@@ -253,38 +403,78 @@ pub struct Config {
 }
 
 impl Config {
-    /// Validates flags into a configuration, filling in CPU-derived defaults.
+    /// Validates flags into a configuration, filling in CPU- and cgroup-derived defaults.
     pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
         let workers = match args.workers {
             Some(n) => n.get(),
             // cgroup-aware: follows the container's CPU quota.
             None => std::thread::available_parallelism()
-                .map_err(ConfigError::NoParallelism)?
-                .get(),
+                .map_err(|e| ConfigError::NoParallelism(e.to_string()))?
+                .get()
+                .min(limits::MAX_WORKERS),
         };
-        if args.max_message_bytes == 0 {
-            return Err(ConfigError::ZeroMessageBytes);
+        let range = |flag: &'static str, why: String| ConfigError::Range { flag, why };
+        if args.max_message_bytes == 0 || args.max_message_bytes > limits::MAX_MESSAGE_BYTES {
+            return Err(range(
+                "--max-message-bytes",
+                format!("must be 1 to {} bytes", limits::MAX_MESSAGE_BYTES),
+            ));
         }
-        if !args.frontend.contains("://") {
-            return Err(ConfigError::BadEndpoint(args.frontend));
+        let max_message_bytes = args.max_message_bytes;
+        // Bodies up to twice the limit are read and answered ERR too_large; a frame beyond
+        // that is refused by libzmq before it is buffered. Never below what a handshake needs.
+        let frame_limit = (max_message_bytes * 2).max(limits::MIN_FRAME_LIMIT);
+        // A request of the largest size must be able to arrive (a frame plus slack) and be
+        // admitted (its bytes plus frame overhead).
+        let least_connection_bytes = frame_limit + 64 * 1024;
+        if args.max_connection_bytes < least_connection_bytes {
+            return Err(range(
+                "--max-connection-bytes",
+                format!(
+                    "must be at least {least_connection_bytes} (twice --max-message-bytes, \
+                     at least 64KiB, plus 64KiB) so a request of the largest size can arrive"
+                ),
+            ));
         }
-        if args.drain_timeout.is_zero() {
-            return Err(ConfigError::ZeroDrainTimeout);
+        if args.max_buffered_bytes < args.max_connection_bytes {
+            return Err(range(
+                "--max-buffered-bytes",
+                "must be at least --max-connection-bytes".into(),
+            ));
         }
-        if args.stuck_after.is_zero() {
-            return Err(ConfigError::ZeroStuckAfter);
+        let least_inflight = max_message_bytes + shared::protocol::FRAME_OVERHEAD as u64;
+        if args.max_inflight_bytes < least_inflight {
+            return Err(range(
+                "--max-inflight-bytes",
+                format!(
+                    "must be at least {least_inflight} (--max-message-bytes plus 64) so a \
+                     request of the largest size can be admitted"
+                ),
+            ));
         }
+        let memory_limit = match args.memory_limit {
+            Some(0) => None,
+            Some(limit) => Some(limit),
+            None => cgroup_memory_limit(),
+        };
+        let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         Ok(Config {
-            max_inflight: args
-                .max_inflight
-                .map_or(workers * defaults::INFLIGHT_PER_WORKER, NonZeroUsize::get),
+            max_inflight: args.max_inflight,
+            max_inflight_bytes: as_usize(args.max_inflight_bytes),
             workers,
             frontend: args.frontend,
             admin: args.admin,
             handler: args.handler,
             max_sleep: args.max_sleep,
             cpu_rounds: args.cpu_rounds,
-            max_message_bytes: args.max_message_bytes,
+            max_message_bytes: as_usize(max_message_bytes),
+            frame_limit: as_usize(frame_limit),
+            max_reply_bytes: as_usize(frame_limit),
+            max_connections: args.max_connections,
+            max_connection_bytes: as_usize(args.max_connection_bytes),
+            max_buffered_bytes: as_usize(args.max_buffered_bytes),
+            stall_timeout: args.stall_timeout,
+            memory_limit,
             shutdown_delay: args.shutdown_delay,
             drain_timeout: args.drain_timeout,
             stuck_after: args.stuck_after,
@@ -306,55 +496,200 @@ impl Config {
         })
     }
 
-    /// A configuration with every default, for embedding and tests.
-    pub fn with_defaults() -> Result<Config, ConfigError> {
-        Config::from_args(ServeArgs::parse_from(["broker"]))
+    /// File descriptors the broker may need at once: two per front connection (libzmq's and
+    /// the broker's duplicate), the admin server's connections, one mailbox per ZeroMQ socket
+    /// (a worker has one), and a margin for libzmq's and the runtime's own.
+    pub fn fds_needed(&self) -> u64 {
+        2 * self.max_connections as u64
+            + crate::admin::MAX_CONNECTIONS as u64
+            + self.workers as u64
+            + 64
     }
 }
 
-impl ServeArgs {
-    fn parse_from<I, T>(args: I) -> ServeArgs
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
-    {
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            serve: ServeArgs,
+/// The memory limit of this process's cgroup (v2 `memory.max`, or v1
+/// `memory.limit_in_bytes`), if one is set.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |path: String| -> Option<u64> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let value: u64 = text.trim().parse().ok()?;
+        // v1 reports "no limit" as a huge page-rounded number.
+        (value < (1 << 60)).then_some(value)
+    };
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_end_matches('/');
+        if controllers.is_empty() {
+            // v2; inside a container's cgroup namespace the path is "/".
+            for base in [format!("/sys/fs/cgroup{path}"), "/sys/fs/cgroup".into()] {
+                if let Some(limit) = read(format!("{base}/memory.max")) {
+                    return Some(limit);
+                }
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            for base in [
+                format!("/sys/fs/cgroup/memory{path}"),
+                "/sys/fs/cgroup/memory".into(),
+            ] {
+                if let Some(limit) = read(format!("{base}/memory.limit_in_bytes")) {
+                    return Some(limit);
+                }
+            }
         }
-        Wrapper::parse_from(args).serve
     }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(list: &[&str]) -> Result<ServeArgs, clap::Error> {
+        Wrapper::try_parse_from(std::iter::once("broker").chain(list.iter().copied()))
+            .map(|w| w.serve)
+    }
+
+    fn config(list: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_args(args(list).expect("flags parse"))
     }
 
     #[test]
-    fn cli_definition_is_consistent() {
+    fn durations_are_bounded() {
+        for flag in [
+            "--drain-timeout",
+            "--shutdown-delay",
+            "--max-sleep",
+            "--stall-timeout",
+        ] {
+            assert!(args(&[flag, "300000000000y"]).is_err(), "{flag}");
+            assert!(args(&[flag, "18446744073709551615s"]).is_err(), "{flag}");
+            assert!(args(&[flag, "1h"]).is_ok(), "{flag}");
+        }
+        assert!(args(&["--drain-timeout", "0s"]).is_err());
+        assert!(args(&["--stuck-after", "25h"]).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64ki"), Ok(64 << 10));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("256Mi"), Ok(256 << 20));
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "1 parsec",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("2Ti").is_err(), "over the budget limit");
+    }
+
+    #[test]
+    fn endpoints_must_be_bindable_and_reachable() {
+        let port = |text: &str| parse_endpoint(text).map(|e| e.port());
+        assert_eq!(port("tcp://0.0.0.0:5555"), Ok(Some(5555)));
+        assert_eq!(port("tcp://*:1"), Ok(Some(1)));
+        assert_eq!(port("tcp://[::1]:65535"), Ok(Some(65535)));
+        assert_eq!(port("ipc:///tmp/broker.sock"), Ok(None));
+        for bad in [
+            "tcp://127.0.0.1:99999",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1",
+            "tcp://localhost:5555",
+            "tcp://eth0:5555",
+            "inproc://broker",
+            "pgm://x",
+            "nonsense",
+            "ipc://",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent_and_levels_take_any_case() {
         use clap::CommandFactory;
-        Cli::command().debug_assert();
+        Wrapper::command().debug_assert();
+        assert_eq!(
+            config(&["--log-level", "INFO"]).expect("valid").log_level,
+            LevelFilter::Info
+        );
+        assert_eq!(
+            config(&["--log-format", "JSON"]).expect("valid").log_format,
+            LogFormat::Json
+        );
     }
 
     #[test]
-    fn inflight_defaults_to_64_per_worker() {
-        let mut args = ServeArgs::parse_from(["broker", "--workers", "3"]);
-        let config = Config::from_args(args).expect("valid");
-        assert_eq!(config.max_inflight, 192);
-        args = ServeArgs::parse_from(["broker", "--max-message-bytes", "0"]);
+    fn counts_are_bounded() {
+        assert!(args(&["--workers", "0"]).is_err());
+        assert!(args(&["--workers", "1001"]).is_err());
+        assert!(args(&["--workers", "288230376151711744"]).is_err());
+        assert!(args(&["--max-inflight", "18446744073709551615"]).is_err());
+        assert!(args(&["--max-inflight", "1000001"]).is_err());
+        assert!(args(&["--max-connections", "0"]).is_err());
+        assert_eq!(config(&["--workers", "1000"]).expect("valid").workers, 1000);
+    }
+
+    #[test]
+    fn budgets_must_fit_the_largest_message() {
+        let defaults = config(&[]).expect("defaults are valid");
+        assert_eq!(defaults.max_inflight, defaults::MAX_INFLIGHT);
+        assert_eq!(defaults.frame_limit, 2 << 20);
+        // A tiny message limit still leaves room for the handshake.
+        assert_eq!(
+            config(&["--max-message-bytes", "1"])
+                .expect("valid")
+                .frame_limit,
+            64 << 10
+        );
         assert!(matches!(
-            Config::from_args(args),
-            Err(ConfigError::ZeroMessageBytes)
+            config(&["--max-message-bytes", "0"]),
+            Err(ConfigError::Range {
+                flag: "--max-message-bytes",
+                ..
+            })
         ));
+        assert!(matches!(
+            config(&["--max-connection-bytes", "1MiB"]),
+            Err(ConfigError::Range {
+                flag: "--max-connection-bytes",
+                ..
+            })
+        ));
+        assert!(matches!(
+            config(&["--max-buffered-bytes", "1MiB"]),
+            Err(ConfigError::Range {
+                flag: "--max-buffered-bytes",
+                ..
+            })
+        ));
+        assert!(matches!(
+            config(&["--max-inflight-bytes", "1000"]),
+            Err(ConfigError::Range {
+                flag: "--max-inflight-bytes",
+                ..
+            })
+        ));
+        assert_eq!(
+            config(&["--memory-limit", "256Mi"])
+                .expect("valid")
+                .memory_limit,
+            Some(256 << 20)
+        );
     }
 }

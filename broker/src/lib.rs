@@ -1,23 +1,23 @@
-//! The broker engine: binds the front socket, starts the worker pool and the admin server,
-//! and runs the coordinator until the broker has drained. `main.rs` only parses flags, sets
-//! up logging and signals, and maps the result to an exit code.
+//! The broker engine: binds the front socket, starts the worker pool, the guard and the admin
+//! server, and runs the coordinator until the broker has drained. `main.rs` only picks the
+//! subcommand; [`serve`] is the whole serve path, shared with programs that embed the broker.
 
 pub mod access;
 pub mod admin;
-pub mod bench;
-pub mod client;
 pub mod config;
+pub mod conns;
 pub mod coordinator;
+pub mod guard;
 pub mod lifecycle;
-pub mod probe;
 pub mod signals;
+mod sys;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use shared::Metrics;
 use worker::handlers::{Cpu, Echo, Sleep};
-use worker::{Activity, Handler, MakeHandler, Worker};
+use worker::{Activity, Handler, MakeHandler, Pool, Worker};
 
 pub use config::Config;
 pub use coordinator::Exit;
@@ -28,6 +28,12 @@ pub use signals::Signals;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The coordinator's end of the worker link.
 const BACKEND: &str = "inproc://broker-workers";
+/// SO_RCVBUF and SO_SNDBUF of each front connection (the kernel doubles them for its own
+/// bookkeeping): enough for full speed on loopback and in a cluster, small enough that the
+/// kernel never holds much on the broker's behalf.
+pub const SOCKET_BUFFER_BYTES: i32 = 256 * 1024;
+/// Where the front socket's monitor publishes connection events.
+const FRONT_MONITOR: &str = "inproc://broker-front-monitor";
 
 /// Why the broker could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +66,30 @@ pub enum Error {
     /// The access-control handler could not start.
     #[error(transparent)]
     Access(#[from] access::Error),
+    /// The guard thread could not start.
+    #[error("cannot start the guard thread: {0}")]
+    Guard(std::io::Error),
     /// The coordinator failed.
     #[error(transparent)]
     Coordinator(#[from] coordinator::Error),
+}
+
+/// Parses the command line as `T`: help and version print as usual (exit 0); any other error
+/// prints clap's first line and returns exit code 2, so a bad flag costs one line.
+pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
+    T::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        let text = e.render().to_string();
+        eprintln!(
+            "{}",
+            text.lines().next().unwrap_or("error: invalid arguments")
+        );
+        ExitCode::from(2)
+    })
 }
 
 /// The broker's whole serve path, for `main` and for programs that embed the broker with
@@ -80,11 +107,18 @@ pub fn serve(
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = raise_fd_limit(config.fds_needed()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = shared::logging::init(config.log_level, config.log_format) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
     log_panics();
+    // Return large request buffers to the OS when freed (see sys::tune_malloc): 128 KiB is
+    // glibc's default threshold, fixed so it cannot drift up; two arenas for the threads.
+    sys::tune_malloc(128 * 1024, 2);
     // Before any thread exists, so every thread inherits the blocked mask.
     let signals = match Signals::install() {
         Ok(signals) => signals,
@@ -102,6 +136,25 @@ pub fn serve(
             ExitCode::FAILURE
         }
     }
+}
+
+/// Raises the soft open-files limit to the hard one if needed, and refuses a configuration
+/// that needs more descriptors than the hard limit allows.
+fn raise_fd_limit(needed: u64) -> Result<(), String> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| format!("cannot read the open-files limit: {e}"))?;
+    if needed > hard {
+        return Err(format!(
+            "invalid value for --max-connections: the settings need {needed} file descriptors \
+             (two per connection) but the hard limit is {hard} (ulimit -Hn)"
+        ));
+    }
+    if needed > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .map_err(|e| format!("cannot raise the open-files limit to {hard}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Handler panics are caught and answered `ERR handler_failed`; log them in the configured
@@ -125,12 +178,7 @@ pub fn builtin_handler(config: &Config) -> Arc<dyn MakeHandler> {
         HandlerKind::Sleep => {
             Arc::new(move |_| Box::new(Sleep { max: max_sleep }) as Box<dyn Handler>)
         }
-        HandlerKind::Cpu => Arc::new(move |_| {
-            Box::new(Cpu {
-                rounds,
-                max_rounds: rounds.saturating_mul(100).max(1_000_000),
-            }) as Box<dyn Handler>
-        }),
+        HandlerKind::Cpu => Arc::new(move |_| Box::new(Cpu { rounds }) as Box<dyn Handler>),
     }
 }
 
@@ -180,7 +228,26 @@ impl Broker {
                 Arc::clone(&metrics),
             )?)
         };
-        let front = front_socket(&front_ctx, config, zap.is_some())?;
+        let (front, monitor) = front_sockets(&front_ctx, config, zap.is_some())?;
+        let registry = Arc::new(conns::Registry::default());
+        let conns = conns::Table::new(
+            config.max_connections,
+            config.frontend.port(),
+            Arc::clone(&registry),
+        );
+        let guard_shared = Arc::new(guard::Shared::default());
+        let guard = guard::Guard::spawn(
+            guard::Limits {
+                connection_bytes: config.max_connection_bytes as u64,
+                buffered_bytes: config.max_buffered_bytes as u64,
+                stall_timeout: config.stall_timeout,
+                memory_limit: config.memory_limit,
+            },
+            registry,
+            Arc::clone(&guard_shared),
+            Arc::clone(&metrics),
+        )
+        .map_err(Error::Guard)?;
         let admin = admin::Admin::spawn(config.admin, Arc::clone(&status), Arc::clone(&metrics))?;
 
         let backend_ctx = zmq::Context::new();
@@ -196,45 +263,66 @@ impl Broker {
             endpoint: BACKEND.into(),
             source,
         })?;
-        // Bounded by the in-flight limit, so pushing never blocks and never allocates.
-        let (queue, jobs) = crossbeam_channel::bounded(config.max_inflight);
-        let mut threads = Vec::with_capacity(config.workers);
+        // Unbounded in type, bounded in use: the in-flight table is checked before anything
+        // is queued. A bounded channel would allocate --max-inflight slots up front.
+        let (overflow, overflow_rx) = crossbeam_channel::unbounded();
+        let pool = Pool {
+            endpoint: BACKEND.into(),
+            queue: overflow_rx.clone(),
+            metrics: Arc::clone(&metrics),
+            activity: Arc::clone(&activity),
+            max_reply_bytes: config.max_reply_bytes,
+        };
+        let mut handles = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
-            threads.push(Worker::spawn(
+            handles.push(Worker::spawn(
                 &backend_ctx,
-                BACKEND,
+                &pool,
                 index as u32,
                 self.make_handler.make(index),
-                Arc::clone(&metrics),
-                Arc::clone(&activity),
-                jobs.clone(),
             )?);
         }
+        drop(pool);
         log::info!(
-            "front {} admin {} workers {} handler {} max-inflight {}",
+            "front {} admin {} workers {} handler {} max-inflight {} ({} MiB) \
+             max-connections {} memory-limit {}",
             config.frontend,
             config.admin,
             config.workers,
             config.handler.name(),
-            config.max_inflight
+            config.max_inflight,
+            config.max_inflight_bytes >> 20,
+            config.max_connections,
+            config
+                .memory_limit
+                .map_or("none".to_owned(), |l| format!("{} MiB", l >> 20)),
         );
 
         let coordinator = coordinator::Coordinator::new(
             config,
-            front,
-            backend,
-            signals,
-            zap,
-            threads,
-            (queue, jobs),
-            Arc::clone(&activity),
+            coordinator::Sockets {
+                front,
+                monitor,
+                backend,
+                zap,
+                signals,
+            },
+            coordinator::Workers {
+                handles,
+                overflow,
+                overflow_rx,
+                activity,
+            },
+            conns,
             Arc::clone(&status),
             Arc::clone(&metrics),
+            guard_shared,
         );
         let exit = coordinator.run();
         // The coordinator has closed its sockets; this waits at most the front linger for
         // queued replies to leave.
         drop(front_ctx);
+        guard.stop();
         admin.stop();
         let exit = exit?;
         if matches!(exit, Exit::Drained { .. }) {
@@ -244,7 +332,12 @@ impl Broker {
     }
 }
 
-fn front_socket(ctx: &zmq::Context, config: &Config, zap: bool) -> Result<zmq::Socket, Error> {
+/// The front ROUTER, configured and bound, and the PAIR that reads its connection events.
+fn front_sockets(
+    ctx: &zmq::Context,
+    config: &Config,
+    zap: bool,
+) -> Result<(zmq::Socket, zmq::Socket), Error> {
     let socket_error = |source| Error::Socket {
         what: "front",
         source,
@@ -252,15 +345,26 @@ fn front_socket(ctx: &zmq::Context, config: &Config, zap: bool) -> Result<zmq::S
     let socket = ctx.socket(zmq::ROUTER).map_err(socket_error)?;
     // Unknown or full peers fail the send instead of silently dropping or blocking.
     socket.set_router_mandatory(true).map_err(socket_error)?;
-    // Bodies up to twice the limit are read and answered ERR too_large; a frame beyond that
-    // is refused by libzmq (the connection is dropped) before it is buffered.
-    let frame_limit = config
-        .max_message_bytes
-        .saturating_mul(2)
-        .min(i64::MAX as usize) as i64;
-    socket.set_maxmsgsize(frame_limit).map_err(socket_error)?;
+    // A frame beyond this is refused by libzmq (the connection is dropped) before it is
+    // buffered; libzmq allocates a frame at its declared size.
+    socket
+        .set_maxmsgsize(config.frame_limit.min(i64::MAX as usize) as i64)
+        .map_err(socket_error)?;
     socket
         .set_linger(config.flush_linger.as_millis() as i32)
+        .map_err(socket_error)?;
+    // A connection that never finishes its handshake is dropped after the stall timeout.
+    socket
+        .set_handshake_ivl(config.stall_timeout.as_millis().min(i32::MAX as u128) as i32)
+        .map_err(socket_error)?;
+    // Fixed kernel buffers instead of autotuned ones (up to 6 MiB in, 4 MiB out on Linux):
+    // TCP flow control then holds back a client that sends faster than the broker reads,
+    // instead of the kernel buffering megabytes that count against the connection's bounds.
+    socket
+        .set_rcvbuf(SOCKET_BUFFER_BYTES)
+        .map_err(socket_error)?;
+    socket
+        .set_sndbuf(SOCKET_BUFFER_BYTES)
         .map_err(socket_error)?;
     // Notice clients that vanished without a FIN (a node died) instead of holding their pipes.
     socket.set_tcp_keepalive(1).map_err(socket_error)?;
@@ -272,11 +376,26 @@ fn front_socket(ctx: &zmq::Context, config: &Config, zap: bool) -> Result<zmq::S
             .set_zap_domain(access::ZAP_DOMAIN)
             .map_err(socket_error)?;
     }
+    // The monitor is attached before the bind, so no connection goes unseen.
+    let events = zmq::SocketEvent::ACCEPTED as i32 | zmq::SocketEvent::DISCONNECTED as i32;
     socket
-        .bind(&config.frontend)
+        .monitor(FRONT_MONITOR, events)
+        .map_err(socket_error)?;
+    let monitor_error = |source| Error::Socket {
+        what: "monitor",
+        source,
+    };
+    let monitor = ctx.socket(zmq::PAIR).map_err(monitor_error)?;
+    // Unlimited: libzmq's I/O thread blocks when a monitor pipe is full, which would stall
+    // every connection; events are small and the coordinator reads them every turn.
+    monitor.set_rcvhwm(0).map_err(monitor_error)?;
+    monitor.set_linger(0).map_err(monitor_error)?;
+    monitor.connect(FRONT_MONITOR).map_err(monitor_error)?;
+    socket
+        .bind(config.frontend.as_str())
         .map_err(|source| Error::Bind {
-            endpoint: config.frontend.clone(),
+            endpoint: config.frontend.to_string(),
             source,
         })?;
-    Ok(socket)
+    Ok((socket, monitor))
 }

@@ -1,60 +1,46 @@
-//! `broker`: parse flags, set up logging and signals, run the broker, map the outcome to an
-//! exit code (0 drained, 1 fatal, 2 bad configuration, 128+N hard stop by signal N).
+//! `broker`: serve (the default), or run one of the tools that share its flags' style:
+//! `probe` (exec health check), `bench` (load client), `keygen` (a CURVE key pair).
 
 use std::process::ExitCode;
 
-use broker::config::{Cli, Command};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+/// A ZeroMQ request/reply worker-pool broker for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "broker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Run a tool instead of the broker.
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Broker flags (when no subcommand is given).
+    #[command(flatten)]
+    serve: broker::config::ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Health-check a running broker (for exec probes): exit 0 on a reply, 1 otherwise.
+    Probe(client::probe::ProbeArgs),
+    /// Load a running broker and report throughput and latency.
+    Bench(client::bench::BenchArgs),
+    /// Print a new CURVE key pair (Z85) for the broker or a client.
+    Keygen,
+}
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match broker::parse_args::<Cli>() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(&e),
+        Err(code) => return code,
     };
     match cli.command {
-        Some(Command::Probe(args)) => broker::probe::run(&args),
-        Some(Command::Bench(args)) => bench(&args),
+        Some(Command::Probe(args)) => client::probe::run(&args),
+        Some(Command::Bench(args)) => client::bench::run(&args),
+        Some(Command::Keygen) => broker::access::keygen(),
         None => broker::serve(cli.serve, broker::builtin_handler),
     }
-}
-
-fn bench(args: &broker::bench::BenchArgs) -> ExitCode {
-    match broker::bench::run(args) {
-        Ok(report) => {
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{}", report.to_text());
-            }
-            // Lost or wrong replies are a failed run for scripts.
-            if report.lost > 0 || report.mismatched > 0 {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(broker::bench::Error::Usage(message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("bench failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Prints clap's help or version as usual; any other error as one line, exit 2.
-fn usage_error(e: &clap::Error) -> ExitCode {
-    use clap::error::ErrorKind;
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        let _ = e.print();
-        return ExitCode::SUCCESS;
-    }
-    let text = e.render().to_string();
-    eprintln!(
-        "{}",
-        text.lines().next().unwrap_or("error: invalid arguments")
-    );
-    ExitCode::from(2)
 }

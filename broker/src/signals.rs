@@ -1,5 +1,16 @@
-//! SIGTERM and SIGINT as events: blocked in every thread, read from a signalfd that the
-//! coordinator polls next to its sockets. No handler runs, so no blocking call is interrupted.
+//! Signals as events: every asynchronous signal whose default action would kill the broker is
+//! blocked in every thread and read from a signalfd that the coordinator polls next to its
+//! sockets. No handler runs, so no blocking call is interrupted, and no stray signal (a
+//! terminal's SIGHUP, a mistargeted `kill -USR1`) kills the broker without a drain or a log.
+//!
+//! - SIGTERM, SIGINT, SIGQUIT: stop (drain; a second one exits at once).
+//! - SIGHUP, SIGUSR1, SIGUSR2, SIGALRM, SIGTSTP/TTIN/TTOU, SIGVTALRM, SIGPROF, SIGIO,
+//!   SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT and the real-time signals: logged and ignored (the
+//!   broker has nothing to reload and must not be paused or killed by them).
+//! - Left alone: faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP, SIGSYS), whose
+//!   default is right; SIGKILL and SIGSTOP, which cannot be caught; and those whose default
+//!   is to do nothing (SIGCHLD, SIGCONT, SIGURG, SIGWINCH), plus SIGPIPE, which the Rust
+//!   runtime already ignores.
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -11,34 +22,58 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 #[error("cannot set up signal handling: {0}")]
 pub struct Error(#[from] nix::Error);
 
-/// The stop signals, readable as a file descriptor.
+/// What a signal asks of the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// Stop: drain, or exit at once if already stopping.
+    Stop(Signal),
+    /// Nothing: log it (the name, or `signal N` for a real-time one).
+    Ignored(String),
+}
+
+/// Signals left at their default disposition (see the module comment).
+const LEFT_ALONE: [Signal; 12] = [
+    Signal::SIGSEGV,
+    Signal::SIGBUS,
+    Signal::SIGILL,
+    Signal::SIGFPE,
+    Signal::SIGABRT,
+    Signal::SIGTRAP,
+    Signal::SIGSYS,
+    Signal::SIGCHLD,
+    Signal::SIGCONT,
+    Signal::SIGURG,
+    Signal::SIGWINCH,
+    Signal::SIGPIPE,
+];
+
+/// The signals read as events, readable as a file descriptor.
 #[derive(Debug)]
 pub struct Signals {
     fd: SignalFd,
 }
 
 impl Signals {
-    /// Blocks SIGTERM and SIGINT in the calling thread and opens a signalfd for them.
+    /// Blocks the handled signals in the calling thread and opens a signalfd for them.
     ///
     /// Call it first, before any thread starts (libzmq's I/O threads included): threads inherit
     /// the mask, so a signal is never delivered to a thread that would die of it.
     pub fn install() -> Result<Signals, Error> {
-        let mut mask = SigSet::empty();
-        mask.add(Signal::SIGTERM);
-        mask.add(Signal::SIGINT);
+        // sigfillset, which glibc keeps from touching its own internal real-time signals.
+        let mut mask = SigSet::all();
+        for signal in LEFT_ALONE {
+            mask.remove(signal);
+        }
         mask.thread_block()?;
         let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         Ok(Signals { fd })
     }
 
-    /// The next pending stop signal, if any.
-    pub fn pending(&mut self) -> Result<Option<Signal>, Error> {
+    /// The next pending signal, if any.
+    pub fn pending(&mut self) -> Result<Option<SignalEvent>, Error> {
         loop {
             match self.fd.read_signal() {
-                Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
-                    Ok(signal) => return Ok(Some(signal)),
-                    Err(_) => continue,
-                },
+                Ok(Some(info)) => return Ok(Some(classify(info.ssi_signo as i32))),
                 Ok(None) => return Ok(None),
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(Error(e)),
@@ -47,8 +82,39 @@ impl Signals {
     }
 }
 
+/// What signal number `signo` asks for.
+pub fn classify(signo: i32) -> SignalEvent {
+    match Signal::try_from(signo) {
+        Ok(sig @ (Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT)) => SignalEvent::Stop(sig),
+        Ok(sig) => SignalEvent::Ignored(sig.as_str().to_owned()),
+        Err(_) => SignalEvent::Ignored(format!("signal {signo}")),
+    }
+}
+
 impl AsRawFd for Signals {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_stop_and_the_rest_are_ignored_by_name() {
+        assert_eq!(
+            classify(Signal::SIGTERM as i32),
+            SignalEvent::Stop(Signal::SIGTERM)
+        );
+        assert_eq!(
+            classify(Signal::SIGQUIT as i32),
+            SignalEvent::Stop(Signal::SIGQUIT)
+        );
+        assert_eq!(
+            classify(Signal::SIGHUP as i32),
+            SignalEvent::Ignored("SIGHUP".into())
+        );
+        assert_eq!(classify(40), SignalEvent::Ignored("signal 40".into()));
     }
 }

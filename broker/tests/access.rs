@@ -13,7 +13,10 @@ fn client_from(source: &str, port: u16) -> Client {
 }
 
 fn refused(broker: &Broker) -> f64 {
-    common::metric(broker, "broker_connections_refused_total")
+    common::metric(
+        broker,
+        "broker_connections_refused_total{reason=\"allowlist\"}",
+    )
 }
 
 #[test]

@@ -14,10 +14,10 @@ use shared::ErrorCode;
 fn echo_round_trip_for_req_and_dealer_clients() {
     let broker = Broker::start(&["--workers", "2"]);
     let body: [&[u8]; 3] = [b"one", b"", b"three"];
+    // Behind a delimiter, a body may hold empty frames.
     for client in [
         Client::req(&broker.front),
         Client::dealer(&broker.front, true),
-        Client::dealer(&broker.front, false),
     ] {
         assert_eq!(
             ok(client.request(&body)),
@@ -25,6 +25,95 @@ fn echo_round_trip_for_req_and_dealer_clients() {
         );
         assert_eq!(ok(client.request(&[b"x"])), [b"x".to_vec()]);
     }
+    // Without one, the envelope is the routing id alone and the body is everything.
+    let bare = Client::dealer(&broker.front, false);
+    assert_eq!(
+        ok(bare.request(&[b"one", b"two"])),
+        [b"one".to_vec(), b"two".to_vec()]
+    );
+    // ...so its first empty frame ends an envelope, which comes back in front of the reply
+    // (docs/protocol.md: such a client cannot send empty body frames).
+    bare.send(&body);
+    assert_eq!(
+        bare.recv(),
+        [b"one".to_vec(), vec![], b"OK".to_vec(), b"three".to_vec()]
+    );
+}
+
+#[test]
+fn envelopes_come_back_through_proxies_and_correlate_every_reply() {
+    let broker = Broker::start(&[
+        "--workers",
+        "1",
+        "--handler",
+        "sleep",
+        "--max-inflight",
+        "1",
+        "--max-message-bytes",
+        "1000",
+    ]);
+    let ctx = zmq::Context::new();
+    // Two plain ROUTER->DEALER devices (zmq_proxy) in front of the broker, as at an edge.
+    let hop = |upstream: String| {
+        let front = ctx.socket(zmq::ROUTER).expect("router");
+        let back = ctx.socket(zmq::DEALER).expect("dealer");
+        let port = common::free_port();
+        front
+            .bind(&format!("tcp://127.0.0.1:{port}"))
+            .expect("bind");
+        back.connect(&upstream).expect("connect");
+        std::thread::spawn(move || {
+            let _ = zmq::proxy(&front, &back);
+        });
+        format!("tcp://127.0.0.1:{port}")
+    };
+    let one = hop(broker.front.clone());
+    let two = hop(one.clone());
+    for endpoint in [&one, &two] {
+        let req = Client::req(endpoint);
+        assert_eq!(
+            ok(req.request(&[b"0", b"via"])),
+            [b"0".to_vec(), b"via".to_vec()]
+        );
+    }
+    // A DEALER with a correlation id gets it back on every kind of reply.
+    let dealer = Client::dealer(&broker.front, false);
+    let exchange = |id: &[u8], body: &[&[u8]]| {
+        let mut frames: Vec<&[u8]> = vec![id, b""];
+        frames.extend_from_slice(body);
+        dealer.socket.send_multipart(&frames, 0).expect("send");
+        let mut reply = dealer.recv();
+        assert_eq!(&reply[..2], [id.to_vec(), vec![]], "the id comes back");
+        shared::protocol::parse_reply(reply.split_off(2)).expect("well-formed")
+    };
+    assert_eq!(ok(exchange(b"req-1", &[b"0"])), [b"0".to_vec()]);
+    assert_eq!(
+        err_code(&exchange(b"req-2", &[b""])),
+        Some(ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        err_code(&exchange(b"req-3", &[&[b'1'; 1001]])),
+        Some(ErrorCode::TooLarge)
+    );
+    // One request held (max-inflight 1): the next is refused, and says which one it was.
+    dealer
+        .socket
+        .send_multipart([&b"held"[..], b"", b"500"], 0)
+        .expect("send");
+    assert_eq!(
+        err_code(&exchange(b"req-4", &[b"0"])),
+        Some(ErrorCode::Overloaded)
+    );
+    let mut held = dealer.recv();
+    assert_eq!(&held[..2], [b"held".to_vec(), vec![]]);
+    assert!(matches!(
+        shared::protocol::parse_reply(held.split_off(2)),
+        Ok(Reply::Ok(_))
+    ));
+    assert_eq!(
+        exchange(b"health", &[shared::protocol::HEALTH_REQUEST]),
+        Reply::Ok(vec![b"serving".to_vec()])
+    );
 }
 
 #[test]

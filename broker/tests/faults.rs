@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use broker::client::{Client as RetryClient, RetryPolicy, Stats};
+use client::{Client as RetryClient, RetryPolicy, Stats};
 use common::{eventually, free_port, metric, ok, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
 
@@ -171,6 +171,7 @@ impl Load {
             retries: 30,
             backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
+            ..RetryPolicy::default()
         };
         let threads = (0..clients)
             .map(|_| {
@@ -196,14 +197,7 @@ impl Load {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = Stats::default();
         for thread in self.threads {
-            let s = thread.join().expect("load thread");
-            total.ok += s.ok;
-            total.failed += s.failed;
-            total.retries += s.retries;
-            total.timeouts += s.timeouts;
-            total.draining += s.draining;
-            total.overloaded += s.overloaded;
-            total.reconnects += s.reconnects;
+            total.add(&thread.join().expect("load thread"));
         }
         total
     }

@@ -1,11 +1,15 @@
-//! Fuzzes the request/reply parsing the coordinator and clients run on untrusted bytes:
-//! envelope detection, request classification, reply parsing, and the internal ticket and
-//! worker-id frames. Input bytes are split into frames at 0xFF.
+//! Fuzzes the request/reply code the coordinator and clients run on untrusted bytes: the
+//! envelope rule over envelopes of 0..N frames, request classification, the reply encoder
+//! against its decoder (round trip), reply parsing of arbitrary frames, and the internal ticket,
+//! reply-head and worker-id frames. Input bytes are split into frames at 0xFF.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shared::protocol::internal::{parse_worker_id, worker_id, Ticket};
-use shared::protocol::{classify, envelope_len, parse_reply, RequestKind, HEALTH_REQUEST};
+use shared::protocol::internal::{parse_worker_id, worker_id, ReplyHead, Ticket};
+use shared::protocol::{
+    classify, echoes_envelope, encode_err, encode_ok, envelope_len, parse_reply, Reply,
+    RequestKind, HEALTH_REQUEST, MAX_ENVELOPE_FRAMES, MAX_FRAMES,
+};
 use shared::ErrorCode;
 
 const MAX: usize = 64;
@@ -13,20 +17,52 @@ const MAX: usize = 64;
 fuzz_target!(|data: &[u8]| {
     let frames: Vec<&[u8]> = data.split(|b| *b == 0xFF).collect();
     if let Some(n) = envelope_len(&frames) {
-        assert!((1..=2).contains(&n) && n <= frames.len());
-        let body = &frames[n..];
+        // The zguide's rule: the routing id, then everything up to the first empty frame.
+        assert!(n >= 1 && n <= frames.len());
+        if n == 1 {
+            assert!(frames[1..].iter().all(|f| !f.is_empty()));
+        } else {
+            assert!(frames[n - 1].is_empty());
+            assert!(frames[1..n - 1].iter().all(|f| !f.is_empty()));
+        }
+        let (envelope, body) = frames.split_at(n);
         let size: usize = body.iter().map(|f| f.len()).sum();
-        match classify(body, MAX) {
-            Err(ErrorCode::BadRequest) => assert_eq!(size, 0),
-            Err(ErrorCode::TooLarge) => assert!(size > MAX),
-            Ok(RequestKind::Health) => assert!(body.len() == 1 && body[0] == HEALTH_REQUEST),
-            Ok(RequestKind::Work) => assert!(size > 0 && size <= MAX),
+        let hops: usize = envelope[1..].iter().map(|f| f.len()).sum();
+        let too_many = envelope.len() > MAX_ENVELOPE_FRAMES || frames.len() > MAX_FRAMES;
+        match classify(envelope, body, MAX) {
+            Err(ErrorCode::TooLarge) => assert!(too_many || size + hops > MAX),
+            Err(ErrorCode::BadRequest) => assert!(!too_many && size == 0 && hops <= MAX),
+            Ok(RequestKind::Health) => assert!(body == [HEALTH_REQUEST]),
+            Ok(RequestKind::Work) => assert!(!too_many && size > 0 && size + hops <= MAX),
             Err(other) => panic!("classify never answers {other}"),
         }
+        // An envelope that is not echoed is always one whose request is refused.
+        if !echoes_envelope(envelope, MAX) {
+            assert_eq!(classify(envelope, body, MAX), Err(ErrorCode::TooLarge));
+        }
     }
+    // Arbitrary frames never make the decoder panic.
     let _ = parse_reply(frames.iter().map(|f| f.to_vec()).collect::<Vec<_>>());
+    // The encoder and the decoder agree.
+    let ok: Vec<zmq::Message> = encode_ok(frames.iter().map(|f| zmq::Message::from(*f))).collect();
+    match parse_reply(ok) {
+        Ok(Reply::Ok(back)) => assert!(back.iter().map(|m| &m[..]).eq(frames.iter().copied())),
+        other => panic!("OK did not round-trip: {other:?}"),
+    }
+    if let Some((&first, rest)) = data.split_first() {
+        let code = ErrorCode::ALL[usize::from(first) % ErrorCode::ALL.len()];
+        let message = String::from_utf8_lossy(rest);
+        let err = Vec::from(encode_err(code, &message));
+        assert_eq!(
+            parse_reply(err),
+            Ok(Reply::Err { code, message: message.into_owned() })
+        );
+    }
     if let Some(ticket) = Ticket::from_bytes(data) {
         assert_eq!(ticket.to_bytes(), data);
+    }
+    if let Some(head) = ReplyHead::from_bytes(data) {
+        assert_eq!(head.to_bytes(), data);
     }
     if let Some(index) = parse_worker_id(data) {
         assert_eq!(worker_id(index), data);

@@ -1,8 +1,10 @@
 //! What the broker binary and the worker pool both speak: the wire protocol (client-facing and
-//! coordinator <-> worker), the Prometheus metrics and their names, and log set-up.
+//! coordinator <-> worker), the Prometheus metrics and their names, log set-up, and the parsers of
+//! command-line values the broker and its tools share.
 
 pub mod logging;
 pub mod metrics;
+pub mod parse;
 pub mod protocol;
 pub mod socket;
 

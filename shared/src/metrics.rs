@@ -1,10 +1,13 @@
 //! The Prometheus metrics: their names (public interface, listed in the README), their
 //! buckets, and one [`Metrics`] value on an explicit registry that the broker shares with its
-//! workers. Handles are resolved once here so the hot path touches only atomics.
+//! workers. Handles are resolved once here so the hot path touches only plain counters.
 
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+use prometheus::core::{Collector, Desc};
 use prometheus::local::{LocalCounter, LocalHistogram, LocalIntCounter};
+use prometheus::proto::{Counter as CounterProto, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -22,6 +25,11 @@ pub mod names {
     pub const QUEUE_WAIT_SECONDS: &str = "broker_queue_wait_seconds";
     /// Requests read and not yet answered.
     pub const INFLIGHT_REQUESTS: &str = "broker_inflight_requests";
+    /// The time integral of requests held: `rate / broker_workers` is the mean concurrency
+    /// per worker, the autoscaling signal.
+    pub const INFLIGHT_SECONDS_TOTAL: &str = "broker_inflight_seconds_total";
+    /// Request bytes held (what `--max-inflight-bytes` bounds).
+    pub const INFLIGHT_BYTES: &str = "broker_inflight_bytes";
     /// Pool size.
     pub const WORKERS: &str = "broker_workers";
     /// Workers running a request now.
@@ -38,8 +46,16 @@ pub mod names {
     pub const SENT_BYTES_TOTAL: &str = "broker_sent_bytes_total";
     /// Health requests answered by the coordinator (`broker probe`).
     pub const HEALTH_CHECKS_TOTAL: &str = "broker_health_checks_total";
-    /// Connections refused by the `--allow-from` ZAP handler.
+    /// Front connections open.
+    pub const CONNECTIONS: &str = "broker_connections";
+    /// Front connections refused, by reason.
     pub const CONNECTIONS_REFUSED_TOTAL: &str = "broker_connections_refused_total";
+    /// Front connections the broker closed to stay within its bounds, by reason.
+    pub const CONNECTIONS_RESET_TOTAL: &str = "broker_connections_reset_total";
+    /// Bytes held for front connections in libzmq and the kernel, by direction.
+    pub const BUFFERED_BYTES: &str = "broker_buffered_bytes";
+    /// 1 while the broker refuses new work because it is near its memory limit.
+    pub const MEMORY_SHEDDING: &str = "broker_memory_shedding";
     /// 1 from SIGTERM on.
     pub const DRAINING: &str = "broker_draining";
     /// Always 1, labelled with the version.
@@ -56,11 +72,40 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// Why a reply could not be delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// The client disconnected (EHOSTUNREACH under ROUTER_MANDATORY).
+    /// The client disconnected before its reply left.
     PeerGone,
-    /// The client's send queue is full: it stopped reading (EAGAIN).
+    /// The client is not reading: its queue is at the high-water mark or holds
+    /// `--max-connection-bytes`.
     Hwm,
+    /// All connections together hold `--max-buffered-bytes`.
+    Budget,
+    /// The broker reset the connection (over a bound) with replies still queued.
+    Reset,
 }
+
+impl DropReason {
+    const ALL: [DropReason; 4] = [
+        DropReason::PeerGone,
+        DropReason::Hwm,
+        DropReason::Budget,
+        DropReason::Reset,
+    ];
+
+    /// The metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::PeerGone => "peer_gone",
+            DropReason::Hwm => "hwm",
+            DropReason::Budget => "budget",
+            DropReason::Reset => "reset",
+        }
+    }
+}
+
+/// Reasons a connection is refused, pre-registered so every series exists from the start.
+pub const REFUSAL_REASONS: &[&str] = &["allowlist", "limit", "curve"];
+/// Reasons a connection is reset (see `broker::conns::ResetReason`).
+pub const RESET_REASONS: &[&str] = &["oversized", "stalled", "budget", "memory"];
 
 /// Every metric the broker exports, on its own registry. The hot path updates it through a
 /// per-thread [`Recorder`]; with [`Metrics::set_enabled`]`(false)` recorders do nothing (the
@@ -70,11 +115,12 @@ pub struct Metrics {
     enabled: bool,
     requests_ok: IntCounter,
     requests_err: [IntCounter; ErrorCode::ALL.len()],
-    dropped_peer_gone: IntCounter,
-    dropped_hwm: IntCounter,
+    dropped: [IntCounter; DropReason::ALL.len()],
     request_duration: Histogram,
     queue_wait: Histogram,
     inflight: IntGauge,
+    held: HeldSeconds,
+    inflight_bytes: IntGauge,
     workers: IntGauge,
     workers_busy: IntGauge,
     workers_stuck: IntGauge,
@@ -82,46 +128,107 @@ pub struct Metrics {
     received_bytes: IntCounter,
     sent_bytes: IntCounter,
     health_checks: IntCounter,
-    connections_refused: IntCounter,
+    connections: IntGauge,
+    refused: IntCounterVec,
+    resets: IntCounterVec,
+    buffered_in: IntGauge,
+    buffered_out: IntGauge,
+    shedding: IntGauge,
     draining: IntGauge,
 }
 
 /// Registering metrics can fail only on a name clash, a programming error caught by tests.
 pub type Result<T> = std::result::Result<T, prometheus::Error>;
 
+/// Registers a clone of `metric` and returns it: each metric is named once, where it is made.
+fn reg<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> Result<M> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
 impl Metrics {
     /// Builds every metric on a fresh registry, with process metrics and build info.
     pub fn new(version: &str) -> Result<Metrics> {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                names::REQUESTS_TOTAL,
-                "Replies sent, by outcome (ok or the ERR code).",
-            ),
-            &["outcome"],
+        let r = Registry::new();
+        let requests = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    names::REQUESTS_TOTAL,
+                    "Replies sent, by outcome (ok or the ERR code).",
+                ),
+                &["outcome"],
+            )?,
         )?;
-        let dropped = IntCounterVec::new(
-            Opts::new(
-                names::REPLIES_DROPPED_TOTAL,
-                "Replies that could not be delivered.",
-            ),
-            &["reason"],
+        let dropped = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    names::REPLIES_DROPPED_TOTAL,
+                    "Replies that could not be delivered, by reason.",
+                ),
+                &["reason"],
+            )?,
         )?;
         let histogram = |name: &str, help: &str| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+            reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+            )
         };
-        let build_info = IntGaugeVec::new(
-            Opts::new(names::BUILD_INFO, "Always 1; the version is a label."),
-            &["version"],
+        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help)?);
+        let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help)?);
+        let build_info = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(names::BUILD_INFO, "Always 1; the version is a label."),
+                &["version"],
+            )?,
         )?;
         build_info.with_label_values(&[version]).set(1);
-
+        let refused = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    names::CONNECTIONS_REFUSED_TOTAL,
+                    "Front connections refused, by reason (allowlist, limit, curve).",
+                ),
+                &["reason"],
+            )?,
+        )?;
+        let resets = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    names::CONNECTIONS_RESET_TOTAL,
+                    "Front connections the broker closed to stay within its bounds, by reason.",
+                ),
+                &["reason"],
+            )?,
+        )?;
+        for reason in REFUSAL_REASONS {
+            refused.with_label_values(&[reason]);
+        }
+        for reason in RESET_REASONS {
+            resets.with_label_values(&[reason]);
+        }
+        let buffered = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    names::BUFFERED_BYTES,
+                    "Bytes held for front connections in libzmq and the kernel, by direction.",
+                ),
+                &["direction"],
+            )?,
+        )?;
         let metrics = Metrics {
             enabled: true,
             requests_ok: requests.with_label_values(&["ok"]),
             requests_err: ErrorCode::ALL.map(|code| requests.with_label_values(&[code.as_str()])),
-            dropped_peer_gone: dropped.with_label_values(&["peer_gone"]),
-            dropped_hwm: dropped.with_label_values(&["hwm"]),
+            dropped: DropReason::ALL.map(|reason| dropped.with_label_values(&[reason.as_str()])),
             request_duration: histogram(
                 names::REQUEST_DURATION_SECONDS,
                 "Time from reading a request to sending its reply.",
@@ -130,54 +237,48 @@ impl Metrics {
                 names::QUEUE_WAIT_SECONDS,
                 "Time from reading a request to a worker picking it up.",
             )?,
-            inflight: IntGauge::new(
+            inflight: gauge(
                 names::INFLIGHT_REQUESTS,
                 "Requests read and not yet answered.",
             )?,
-            workers: IntGauge::new(names::WORKERS, "Worker threads in the pool.")?,
-            workers_busy: IntGauge::new(names::WORKERS_BUSY, "Workers running a request now.")?,
-            workers_stuck: IntGauge::new(
+            held: reg(&r, HeldSeconds::new()?)?,
+            inflight_bytes: gauge(
+                names::INFLIGHT_BYTES,
+                "Request bytes held (frames count their size plus 64).",
+            )?,
+            workers: gauge(names::WORKERS, "Worker threads in the pool.")?,
+            workers_busy: gauge(names::WORKERS_BUSY, "Workers running a request now.")?,
+            workers_stuck: gauge(
                 names::WORKERS_STUCK,
                 "Workers on their current request for longer than --stuck-after.",
             )?,
-            worker_busy_seconds: prometheus::Counter::new(
-                names::WORKER_BUSY_SECONDS_TOTAL,
-                "Seconds workers spent running requests; rate / broker_workers is utilisation.",
+            worker_busy_seconds: reg(
+                &r,
+                prometheus::Counter::new(
+                    names::WORKER_BUSY_SECONDS_TOTAL,
+                    "Seconds workers spent running requests; rate / broker_workers is utilisation.",
+                )?,
             )?,
-            received_bytes: IntCounter::new(
-                names::RECEIVED_BYTES_TOTAL,
-                "Request body bytes read.",
-            )?,
-            sent_bytes: IntCounter::new(names::SENT_BYTES_TOTAL, "Reply body bytes sent.")?,
-            health_checks: IntCounter::new(
+            received_bytes: counter(names::RECEIVED_BYTES_TOTAL, "Request body bytes read.")?,
+            sent_bytes: counter(names::SENT_BYTES_TOTAL, "Reply body bytes sent.")?,
+            health_checks: counter(
                 names::HEALTH_CHECKS_TOTAL,
                 "Health requests answered by the coordinator.",
             )?,
-            connections_refused: IntCounter::new(
-                names::CONNECTIONS_REFUSED_TOTAL,
-                "Connections refused because the peer is not in --allow-from.",
+            connections: gauge(names::CONNECTIONS, "Front connections open.")?,
+            buffered_in: buffered.with_label_values(&["in"]),
+            buffered_out: buffered.with_label_values(&["out"]),
+            refused,
+            resets,
+            shedding: gauge(
+                names::MEMORY_SHEDDING,
+                "1 while new work is refused because the process is near its memory limit.",
             )?,
-            draining: IntGauge::new(names::DRAINING, "1 from the first SIGTERM/SIGINT on.")?,
-            registry,
+            draining: gauge(names::DRAINING, "1 from the first SIGTERM/SIGINT on.")?,
+            registry: r,
         };
-        let r = &metrics.registry;
-        r.register(Box::new(requests))?;
-        r.register(Box::new(dropped))?;
-        r.register(Box::new(build_info))?;
-        r.register(Box::new(metrics.request_duration.clone()))?;
-        r.register(Box::new(metrics.queue_wait.clone()))?;
-        r.register(Box::new(metrics.inflight.clone()))?;
-        r.register(Box::new(metrics.workers.clone()))?;
-        r.register(Box::new(metrics.workers_busy.clone()))?;
-        r.register(Box::new(metrics.workers_stuck.clone()))?;
-        r.register(Box::new(metrics.worker_busy_seconds.clone()))?;
-        r.register(Box::new(metrics.received_bytes.clone()))?;
-        r.register(Box::new(metrics.sent_bytes.clone()))?;
-        r.register(Box::new(metrics.health_checks.clone()))?;
-        r.register(Box::new(metrics.connections_refused.clone()))?;
-        r.register(Box::new(metrics.draining.clone()))?;
         #[cfg(target_os = "linux")]
-        r.register(Box::new(
+        metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(metrics)
@@ -207,23 +308,27 @@ impl Metrics {
     }
 
     /// A health request was answered.
-    #[inline]
     pub fn health_check(&self) {
         self.health_checks.inc();
     }
 
-    /// A connection was refused by the allowlist.
-    pub fn connection_refused(&self) {
-        self.connections_refused.inc();
+    /// A connection was refused (`reason`: one of [`REFUSAL_REASONS`]).
+    pub fn connection_refused(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
     }
 
-    /// A reply could not be delivered.
-    #[inline]
-    pub fn count_drop(&self, reason: DropReason) {
-        match reason {
-            DropReason::PeerGone => self.dropped_peer_gone.inc(),
-            DropReason::Hwm => self.dropped_hwm.inc(),
-        }
+    /// Connections were reset (`reason`: one of [`RESET_REASONS`]).
+    pub fn connections_reset(&self, reason: &str, n: u64) {
+        self.resets.with_label_values(&[reason]).inc_by(n);
+    }
+
+    /// `n` replies could not be delivered.
+    pub fn count_drops(&self, reason: DropReason, n: u64) {
+        let index = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.dropped[index].inc_by(n);
     }
 
     /// Pool size.
@@ -241,6 +346,35 @@ impl Metrics {
         self.draining.set(1);
     }
 
+    /// Front connections open.
+    pub fn set_connections(&self, n: usize) {
+        self.connections.set(n as i64);
+    }
+
+    /// Request bytes held.
+    pub fn set_inflight_bytes(&self, n: usize) {
+        self.inflight_bytes.set(n as i64);
+    }
+
+    /// Bytes held for front connections, inbound and outbound.
+    pub fn set_buffered(&self, inbound: u64, outbound: u64) {
+        self.buffered_in.set(inbound.min(i64::MAX as u64) as i64);
+        self.buffered_out.set(outbound.min(i64::MAX as u64) as i64);
+    }
+
+    /// Whether new work is refused to stay inside the memory limit.
+    pub fn set_shedding(&self, on: bool) {
+        self.shedding.set(i64::from(on));
+    }
+
+    /// The held-requests integral as of `since`: `seconds` accumulated, `count` held since.
+    pub fn set_held(&self, seconds: f64, count: usize, since: Instant) {
+        let mut state = self.held.state.lock();
+        state.seconds = seconds;
+        state.count = count;
+        state.since = since;
+    }
+
     /// The registry, to add application metrics next to the broker's.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -251,6 +385,72 @@ impl Metrics {
         let mut out = Vec::with_capacity(8 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
+    }
+}
+
+/// `broker_inflight_seconds_total`: the coordinator publishes the integral once per turn; a
+/// scrape adds what the requests held since then have accrued, so the counter is exact at any
+/// instant and `rate()` over any window is the mean number held.
+#[derive(Clone)]
+struct HeldSeconds {
+    desc: Desc,
+    state: std::sync::Arc<Mutex<HeldState>>,
+}
+
+struct HeldState {
+    seconds: f64,
+    count: usize,
+    since: Instant,
+    /// The last value reported: a counter never goes down, even if a turn's publication
+    /// lands below an extrapolation (the count fell in between).
+    reported: f64,
+}
+
+impl HeldSeconds {
+    fn new() -> Result<HeldSeconds> {
+        Ok(HeldSeconds {
+            desc: Desc::new(
+                names::INFLIGHT_SECONDS_TOTAL.into(),
+                "Time integral of requests held (queued + running); rate / broker_workers is the \
+                 mean concurrency per worker."
+                    .into(),
+                Vec::new(),
+                Default::default(),
+            )?,
+            state: std::sync::Arc::new(Mutex::new(HeldState {
+                seconds: 0.0,
+                count: 0,
+                since: Instant::now(),
+                reported: 0.0,
+            })),
+        })
+    }
+
+    fn value(&self, now: Instant) -> f64 {
+        let mut s = self.state.lock();
+        let value =
+            s.seconds + s.count as f64 * now.saturating_duration_since(s.since).as_secs_f64();
+        s.reported = s.reported.max(value);
+        s.reported
+    }
+}
+
+impl Collector for HeldSeconds {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut counter = CounterProto::default();
+        counter.set_value(self.value(Instant::now()));
+        let mut metric = Metric::default();
+        metric.set_counter(counter);
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::COUNTER);
+        family.set_metric(vec![metric]);
+        vec![family]
     }
 }
 
@@ -374,27 +574,52 @@ impl Drop for Recorder {
 mod tests {
     use super::*;
 
+    fn text(metrics: &Metrics) -> String {
+        String::from_utf8(metrics.encode().expect("encode")).expect("utf8")
+    }
+
     #[test]
     fn every_outcome_is_exported_from_the_start() {
         let metrics = Metrics::new("test").expect("metrics register");
         let mut recorder = metrics.recorder();
         recorder.replied(None, Some(Duration::from_micros(30)));
         recorder.replied(Some(ErrorCode::Timeout), None);
-        metrics.count_drop(DropReason::Hwm);
-        let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
+        metrics.count_drops(DropReason::Hwm, 2);
         assert!(
-            text.contains("broker_requests_total{outcome=\"ok\"} 0"),
+            text(&metrics).contains("broker_requests_total{outcome=\"ok\"} 0"),
             "not before a flush"
         );
         recorder.flush();
-        let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
-        assert!(text.contains("broker_requests_total{outcome=\"ok\"} 1"));
-        assert!(text.contains("broker_requests_total{outcome=\"timeout\"} 1"));
-        assert!(text.contains("broker_requests_total{outcome=\"draining\"} 0"));
-        assert!(text.contains("broker_replies_dropped_total{reason=\"hwm\"} 1"));
-        assert!(text.contains("broker_build_info{version=\"test\"} 1"));
-        assert!(text.contains("broker_request_duration_seconds_bucket{le=\"0.000025\"} 0"));
-        assert!(text.contains("broker_request_duration_seconds_bucket{le=\"0.00005\"} 1"));
+        let text = text(&metrics);
+        for line in [
+            "broker_requests_total{outcome=\"ok\"} 1",
+            "broker_requests_total{outcome=\"timeout\"} 1",
+            "broker_requests_total{outcome=\"draining\"} 0",
+            "broker_replies_dropped_total{reason=\"hwm\"} 2",
+            "broker_replies_dropped_total{reason=\"budget\"} 0",
+            "broker_connections_refused_total{reason=\"limit\"} 0",
+            "broker_connections_reset_total{reason=\"stalled\"} 0",
+            "broker_buffered_bytes{direction=\"in\"} 0",
+            "broker_build_info{version=\"test\"} 1",
+            "broker_request_duration_seconds_bucket{le=\"0.000025\"} 0",
+            "broker_request_duration_seconds_bucket{le=\"0.00005\"} 1",
+            "# TYPE broker_inflight_seconds_total counter",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn held_seconds_integrate_between_publications_and_never_fall() {
+        let metrics = Metrics::new("test").expect("metrics register");
+        let t0 = Instant::now() - Duration::from_secs(10);
+        // 4 requests held for the last 10 s on top of 2.5 s accumulated earlier.
+        metrics.set_held(2.5, 4, t0);
+        let value = metrics.held.value(t0 + Duration::from_secs(10));
+        assert!((value - 42.5).abs() < 1e-9, "{value}");
+        // A later publication that lands below what was reported cannot make it fall.
+        metrics.set_held(40.0, 0, t0 + Duration::from_secs(11));
+        assert!((metrics.held.value(t0 + Duration::from_secs(11)) - 42.5).abs() < 1e-9);
     }
 
     #[test]
@@ -405,7 +630,7 @@ mod tests {
         recorder.replied(None, Some(Duration::from_micros(30)));
         recorder.request_read(10);
         recorder.flush();
-        let text = String::from_utf8(metrics.encode().expect("encode")).expect("utf8");
+        let text = text(&metrics);
         assert!(text.contains("broker_requests_total{outcome=\"ok\"} 0"));
         assert!(text.contains("broker_received_bytes_total 0"));
     }

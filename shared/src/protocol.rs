@@ -1,9 +1,12 @@
-//! The wire protocol: how a request and its reply are framed on the front socket, the reserved
-//! health request, and the small internal protocol between the coordinator and its workers.
-//! `docs/protocol.md` is the prose version of this module; keep them in step.
+//! The wire protocol: how a request and its reply are framed on the front socket (the zguide's
+//! reply envelope), the reserved health request, the one reply encoder and its decoder, and the
+//! small internal protocol between the coordinator and its workers. `docs/protocol.md` is the
+//! prose version of this module; keep them in step.
 
 use std::fmt;
 use std::ops::Deref;
+
+use zmq::Message;
 
 /// First reply-body frame of a successful reply.
 pub const STATUS_OK: &[u8] = b"OK";
@@ -14,14 +17,24 @@ pub const STATUS_ERR: &[u8] = b"ERR";
 /// protocol collides with it; the coordinator answers it itself, never a worker.
 pub const HEALTH_REQUEST: &[u8] = b"\x00broker.health";
 
+/// Most frames an envelope may have, the routing id the broker's ROUTER adds included: room
+/// for a correlation id and a delimiter behind a dozen proxy hops.
+pub const MAX_ENVELOPE_FRAMES: usize = 32;
+/// Most frames a whole request may have. libzmq keeps a 64-byte `zmq_msg_t` per frame, so a
+/// message of many tiny frames costs far more memory than its bytes; this caps that.
+pub const MAX_FRAMES: usize = 256;
+/// What one frame costs in memory besides its bytes (a `zmq_msg_t`), counted by admission.
+pub const FRAME_OVERHEAD: usize = 64;
+
 /// Why a request failed. The wire form ([`ErrorCode::as_str`]) is public interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// The request was malformed (an empty body, or a handler rejected its input).
     BadRequest,
-    /// The request body was larger than `--max-message-bytes`.
+    /// The request was larger than `--max-message-bytes`, or had too many frames.
     TooLarge,
-    /// `--max-inflight` requests were already held.
+    /// The broker already holds as many requests or bytes as it may (`--max-inflight`,
+    /// `--max-inflight-bytes`), or is shedding load to stay inside its memory limit.
     Overloaded,
     /// The broker is shutting down and takes no new work.
     Draining,
@@ -73,15 +86,16 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// How many leading frames of a message read from a ROUTER socket are envelope: the routing id
-/// ROUTER adds, plus the empty delimiter frame when the client sent one (REQ always does).
-/// Returns `None` for a message with no frames at all.
+/// How many leading frames of a message read from a ROUTER socket are envelope (the zguide's
+/// rule): the routing id ROUTER adds, plus every frame up to and including the first empty
+/// frame. Without an empty frame the envelope is the routing id alone (a DEALER that sends no
+/// delimiter). Returns `None` for a message with no frames at all.
 pub fn envelope_len(frames: &[impl Deref<Target = [u8]>]) -> Option<usize> {
-    match frames {
-        [] => None,
-        [_, delimiter, ..] if delimiter.deref().is_empty() => Some(2),
-        [_, ..] => Some(1),
-    }
+    let (_, rest) = frames.split_first()?;
+    Some(match rest.iter().position(|frame| frame.is_empty()) {
+        Some(delimiter) => delimiter + 2,
+        None => 1,
+    })
 }
 
 /// What a request body asks for, once it passed the checks in [`classify`].
@@ -93,23 +107,62 @@ pub enum RequestKind {
     Health,
 }
 
-/// Checks a request body (the frames after the envelope) before any worker sees it.
-pub fn classify(
-    body: &[impl Deref<Target = [u8]>],
+/// Checks a request, split at [`envelope_len`] into `envelope` (routing id first) and `body`,
+/// before any worker sees it. The envelope's bytes, but for the routing id (the broker's own
+/// or the client's socket identity), count toward `max_bytes` with the body's.
+pub fn classify<F: Deref<Target = [u8]>>(
+    envelope: &[F],
+    body: &[F],
     max_bytes: usize,
 ) -> Result<RequestKind, ErrorCode> {
-    let size: usize = body.iter().map(|frame| frame.deref().len()).sum();
-    // No frames, or only empty ones: nothing to work on.
-    if size == 0 {
-        return Err(ErrorCode::BadRequest);
-    }
-    if size > max_bytes {
+    if envelope.len() > MAX_ENVELOPE_FRAMES || envelope.len() + body.len() > MAX_FRAMES {
         return Err(ErrorCode::TooLarge);
+    }
+    let body_size: usize = body.iter().map(|frame| frame.len()).sum();
+    let envelope_size: usize = envelope.iter().skip(1).map(|frame| frame.len()).sum();
+    if body_size.saturating_add(envelope_size) > max_bytes {
+        return Err(ErrorCode::TooLarge);
+    }
+    // No frames, or only empty ones: nothing to work on.
+    if body_size == 0 {
+        return Err(ErrorCode::BadRequest);
     }
     if body.len() == 1 && body[0].deref() == HEALTH_REQUEST {
         return Ok(RequestKind::Health);
     }
     Ok(RequestKind::Work)
+}
+
+/// True when a reply carries `envelope` (routing id first) back whole. An envelope over its
+/// bounds (more than [`MAX_ENVELOPE_FRAMES`] frames, or more than `max_bytes` besides the
+/// routing id) is not echoed: the `ERR too_large` reply goes to the routing id alone.
+pub fn echoes_envelope<F: Deref<Target = [u8]>>(envelope: &[F], max_bytes: usize) -> bool {
+    envelope.len() <= MAX_ENVELOPE_FRAMES
+        && envelope.iter().skip(1).map(|f| f.len()).sum::<usize>() <= max_bytes
+}
+
+/// The bytes a frame of `len` bytes took on the wire (ZMTP 3: a flags byte and a 1- or 8-byte
+/// size), for per-connection accounting against what the kernel says it received.
+pub const fn wire_size(len: usize) -> usize {
+    if len <= 255 {
+        len + 2
+    } else {
+        len + 9
+    }
+}
+
+/// The one reply encoder: the frames of an `OK` reply body, ahead of the handler's frames.
+pub fn encode_ok<I: IntoIterator<Item = Message>>(frames: I) -> impl Iterator<Item = Message> {
+    std::iter::once(Message::from(STATUS_OK)).chain(frames)
+}
+
+/// The one reply encoder: an `ERR` reply body, exactly three frames.
+pub fn encode_err(code: ErrorCode, message: &str) -> [Message; 3] {
+    [
+        Message::from(STATUS_ERR),
+        Message::from(code.as_str()),
+        Message::from(message),
+    ]
 }
 
 /// A reply body as a client sees it.
@@ -140,8 +193,8 @@ pub enum ReplyError {
     BadError,
 }
 
-/// Parses a reply body (the frames after the envelope). Used by clients: the probe, the bench
-/// client and the tests.
+/// The decoder of [`encode_ok`] and [`encode_err`]: parses a reply body (the frames after the
+/// envelope). Used by clients: the probe, the bench client and the tests.
 pub fn parse_reply<T: Deref<Target = [u8]>>(mut body: Vec<T>) -> Result<Reply<T>, ReplyError> {
     if body.is_empty() {
         return Err(ReplyError::Empty);
@@ -165,14 +218,16 @@ pub fn parse_reply<T: Deref<Target = [u8]>>(mut body: Vec<T>) -> Result<Reply<T>
 /// The internal protocol on the inproc link between the coordinator (a ROUTER) and each worker
 /// (a DEALER whose routing id is [`internal::worker_id`]).
 ///
-/// - worker -> coordinator `[READY]` once connected; the worker is then free.
+/// - worker -> coordinator `[READY]` once connected; the worker is then idle.
 /// - coordinator -> worker `[ticket, body...]`: a request to run.
-/// - worker -> coordinator `[ticket, OK|ERR, ...]`: its reply body; the worker is free again.
+/// - worker -> coordinator `[head, OK|ERR, ...]`: a reply body; `head` is the ticket and
+///   whether the worker is idle now (it found the shared queue empty), so at low load a request
+///   costs one message each way (the zguide's load-balancing pattern).
 /// - coordinator -> worker `[STOP]`: leave the loop and close the socket.
 pub mod internal {
-    /// Sent by a worker once, when it is connected and free.
+    /// Sent by a worker once, when it is connected and idle.
     pub const READY: &[u8] = b"READY";
-    /// Sent by the coordinator to a free worker to make it exit.
+    /// Sent by the coordinator to an idle worker to make it exit.
     pub const STOP: &[u8] = b"STOP";
 
     /// The routing id of worker `index` on the inproc link.
@@ -214,44 +269,92 @@ pub mod internal {
             })
         }
     }
+
+    /// The first frame of a worker's reply: the request's ticket and whether the worker is
+    /// idle after it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ReplyHead {
+        /// The request answered.
+        pub ticket: Ticket,
+        /// True when the worker found no queued request and now waits for the coordinator.
+        pub idle: bool,
+    }
+
+    impl ReplyHead {
+        /// The head frame: the ticket, then 1 (idle) or 0 (took the next queued request).
+        pub fn to_bytes(self) -> [u8; 9] {
+            let mut out = [0u8; 9];
+            out[..8].copy_from_slice(&self.ticket.to_bytes());
+            out[8] = u8::from(self.idle);
+            out
+        }
+
+        /// Parses a head frame.
+        pub fn from_bytes(bytes: &[u8]) -> Option<ReplyHead> {
+            match bytes {
+                [ticket @ .., flag @ (0 | 1)] => Some(ReplyHead {
+                    ticket: Ticket::from_bytes(ticket)?,
+                    idle: *flag == 1,
+                }),
+                _ => None,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::internal::{parse_worker_id, worker_id, Ticket};
+    use super::internal::{parse_worker_id, worker_id, ReplyHead, Ticket};
     use super::*;
 
     #[test]
-    fn envelope_with_and_without_delimiter() {
-        assert_eq!(envelope_len(&[] as &[&[u8]]), None);
-        assert_eq!(envelope_len(&[b"id".as_slice()]), Some(1));
-        assert_eq!(envelope_len(&[b"id".as_slice(), b"body"]), Some(1));
-        assert_eq!(envelope_len(&[b"id".as_slice(), b"", b"body"]), Some(2));
-        assert_eq!(envelope_len(&[b"id".as_slice(), b""]), Some(2));
+    fn envelope_is_everything_up_to_the_first_empty_frame() {
+        let len = |frames: &[&[u8]]| envelope_len(frames);
+        assert_eq!(len(&[]), None);
+        assert_eq!(len(&[b"id"]), Some(1));
+        // A DEALER without delimiter: the routing id alone.
+        assert_eq!(len(&[b"id", b"body", b"more"]), Some(1));
+        // REQ, or a DEALER with delimiter.
+        assert_eq!(len(&[b"id", b"", b"body"]), Some(2));
+        assert_eq!(len(&[b"id", b""]), Some(2));
+        // A DEALER with a correlation id, and a proxy hop in front of a REQ.
+        assert_eq!(len(&[b"id", b"req-7", b"", b"body"]), Some(3));
+        assert_eq!(len(&[b"id", b"client", b"", b"body", b"", b"x"]), Some(3));
     }
 
     #[test]
-    fn classify_rejects_bad_bodies() {
-        let empty: [&[u8]; 0] = [];
-        assert_eq!(classify(&empty, 10), Err(ErrorCode::BadRequest));
+    fn classify_bounds_envelope_and_body() {
+        let c = |envelope: &[&[u8]], body: &[&[u8]], max| classify(envelope, body, max);
+        assert_eq!(c(&[b"id"], &[], 10), Err(ErrorCode::BadRequest));
+        assert_eq!(c(&[b"id"], &[b"", b""], 10), Err(ErrorCode::BadRequest));
         assert_eq!(
-            classify(&[b"".as_slice(), b""], 10),
-            Err(ErrorCode::BadRequest)
-        );
-        assert_eq!(
-            classify(&[b"123456".as_slice(), b"78901"], 10),
+            c(&[b"id"], &[b"123456", b"78901"], 10),
             Err(ErrorCode::TooLarge)
         );
+        assert_eq!(c(&[b"id"], &[b"1234567890"], 10), Ok(RequestKind::Work));
+        // The routing id is not counted; the rest of the envelope is.
         assert_eq!(
-            classify(&[b"1234567890".as_slice()], 10),
+            c(
+                &[b"routing-id-of-any-length", b"12345", b""],
+                &[b"12345"],
+                10
+            ),
             Ok(RequestKind::Work)
         );
-        assert_eq!(classify(&[HEALTH_REQUEST], 100), Ok(RequestKind::Health));
+        assert_eq!(
+            c(&[b"id", b"123456", b""], &[b"12345"], 10),
+            Err(ErrorCode::TooLarge)
+        );
+        assert_eq!(c(&[b"id"], &[HEALTH_REQUEST], 100), Ok(RequestKind::Health));
         // The health frame is only special alone.
         assert_eq!(
-            classify(&[HEALTH_REQUEST, b"x"], 100),
+            c(&[b"id"], &[HEALTH_REQUEST, b"x"], 100),
             Ok(RequestKind::Work)
         );
+        let hops = vec![&b"hop"[..]; MAX_ENVELOPE_FRAMES + 1];
+        assert_eq!(c(&hops, &[b"x"], 1000), Err(ErrorCode::TooLarge));
+        let frames = vec![&b"x"[..]; MAX_FRAMES];
+        assert_eq!(c(&[b"id"], &frames, 1000), Err(ErrorCode::TooLarge));
     }
 
     #[test]
@@ -264,13 +367,18 @@ mod tests {
     }
 
     #[test]
-    fn parse_replies() {
+    fn encoder_and_decoder_agree() {
+        let ok: Vec<Message> = encode_ok([Message::from("a"), Message::new()]).collect();
         assert_eq!(
-            parse_reply(vec![b"OK".to_vec(), b"a".to_vec()]),
-            Ok(Reply::Ok(vec![b"a".to_vec()]))
+            parse_reply(ok).map(|r| match r {
+                Reply::Ok(frames) => frames.iter().map(|f| f.to_vec()).collect::<Vec<_>>(),
+                Reply::Err { .. } => Vec::new(),
+            }),
+            Ok(vec![b"a".to_vec(), Vec::new()])
         );
+        let err = encode_err(ErrorCode::Timeout, "late");
         assert_eq!(
-            parse_reply(vec![b"ERR".to_vec(), b"timeout".to_vec(), b"late".to_vec()]),
+            parse_reply(Vec::from(err)),
             Ok(Reply::Err {
                 code: ErrorCode::Timeout,
                 message: "late".into()
@@ -288,13 +396,26 @@ mod tests {
     }
 
     #[test]
-    fn tickets_and_worker_ids_round_trip() {
+    fn wire_sizes_follow_zmtp_framing() {
+        assert_eq!(wire_size(0), 2);
+        assert_eq!(wire_size(255), 257);
+        assert_eq!(wire_size(256), 265);
+    }
+
+    #[test]
+    fn internal_frames_round_trip() {
         let ticket = Ticket {
             slot: 7,
             generation: u32::MAX,
         };
         assert_eq!(Ticket::from_bytes(&ticket.to_bytes()), Some(ticket));
         assert_eq!(Ticket::from_bytes(b"short"), None);
+        for idle in [true, false] {
+            let head = ReplyHead { ticket, idle };
+            assert_eq!(ReplyHead::from_bytes(&head.to_bytes()), Some(head));
+        }
+        assert_eq!(ReplyHead::from_bytes(&ticket.to_bytes()), None);
+        assert_eq!(ReplyHead::from_bytes(b"123456789"), None);
         assert_eq!(parse_worker_id(&worker_id(513)), Some(513));
         assert_eq!(parse_worker_id(b"READY"), None);
     }

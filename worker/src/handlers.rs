@@ -34,25 +34,25 @@ impl Handler for Sleep {
     }
 }
 
-/// Runs `rounds` iterations of a hash over the request (or the rounds given as ASCII digits in
-/// the first frame, when it parses), then echoes the body. Real CPU work, so utilisation and
-/// CPU-based autoscaling respond to it.
+/// Runs a fixed number of hash rounds, then echoes the body with an 8-byte digest appended.
+/// Real CPU work, so utilisation and CPU-based autoscaling respond to it. The cost of a request
+/// is bounded by `rounds` whatever it carries: each round hashes at most [`SEED_BYTES`] of the
+/// first frame plus the round number, so a large frame costs no more than a small one.
 #[derive(Clone, Copy, Debug)]
 pub struct Cpu {
-    /// Rounds when the request does not say.
+    /// Rounds per request (`--cpu-rounds`); a request may ask for fewer with an ASCII number
+    /// in its first frame, never for more.
     pub rounds: u64,
-    /// The most rounds a request can ask for.
-    pub max_rounds: u64,
 }
+
+/// How much of the first frame seeds the hash.
+pub const SEED_BYTES: usize = 64;
 
 impl Handler for Cpu {
     fn handle(&mut self, mut request: Vec<Frame>) -> Result<Vec<Frame>, HandlerError> {
-        let rounds = request
-            .first()
-            .and_then(|f| parse_ascii_u64(f))
-            .unwrap_or(self.rounds)
-            .min(self.max_rounds);
-        let digest = spin(rounds, request.first().map(|f| &f[..]).unwrap_or_default());
+        let first = request.first().map(|f| &f[..]).unwrap_or_default();
+        let rounds = parse_ascii_u64(first).map_or(self.rounds, |asked| asked.min(self.rounds));
+        let digest = spin(rounds, &first[..first.len().min(SEED_BYTES)]);
         // Keep the echo contract; the digest proves the work was not optimised away.
         request.push(Frame::from(&digest.to_le_bytes()[..]));
         Ok(request)
@@ -111,14 +111,25 @@ mod tests {
 
     #[test]
     fn cpu_echoes_and_appends_a_digest() {
-        let mut cpu = Cpu {
-            rounds: 10,
-            max_rounds: 100,
-        };
+        let mut cpu = Cpu { rounds: 10 };
         let reply = cpu.handle(frames(&[b"hello"])).expect("cpu");
         assert_eq!(reply.len(), 2);
         assert_eq!(&reply[0][..], b"hello");
         assert_eq!(spin(10, b"hello").to_le_bytes(), reply[1][..]);
         assert_ne!(spin(10, b"hello"), spin(11, b"hello"));
+        // A request may ask for fewer rounds, never more.
+        let reply = cpu.handle(frames(&[b"3"])).expect("cpu");
+        assert_eq!(spin(3, b"3").to_le_bytes(), reply[1][..]);
+        let reply = cpu.handle(frames(&[b"99999999999"])).expect("cpu");
+        assert_eq!(spin(10, b"99999999999").to_le_bytes(), reply[1][..]);
+    }
+
+    #[test]
+    fn cpu_cost_does_not_grow_with_the_frame() {
+        // Only the seed prefix is hashed per round: a 1 MiB frame hashes what 64 bytes do.
+        let big = vec![b'x'; 1 << 20];
+        let mut cpu = Cpu { rounds: 1000 };
+        let reply = cpu.handle(vec![Frame::from(&big[..])]).expect("cpu");
+        assert_eq!(spin(1000, &big[..SEED_BYTES]).to_le_bytes(), reply[1][..]);
     }
 }

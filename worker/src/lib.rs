@@ -6,7 +6,7 @@ pub mod pool;
 
 use std::fmt;
 
-pub use pool::{Activity, Error, Job, Worker};
+pub use pool::{Activity, Error, Job, Pool, Worker};
 pub use shared::ErrorCode;
 
 /// One frame of a request or reply body. A `zmq::Message` so an echo moves bytes without

@@ -1,6 +1,7 @@
 //! Worker threads. Each owns a DEALER socket on the coordinator's inproc ROUTER, announces
 //! itself with `READY`, then runs one request at a time until it reads `STOP` or its context
-//! is terminated. The coordinator decides who works on what; a worker only runs its handler.
+//! is terminated. A request comes from the coordinator (the worker was idle) or from the shared
+//! queue (the worker had just finished one); each reply says whether the worker is idle now.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -11,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use shared::metrics::Recorder;
-use shared::protocol::{internal, STATUS_ERR, STATUS_OK};
+use shared::protocol::internal::{self, ReplyHead, Ticket};
+use shared::protocol::{encode_err, encode_ok, MAX_FRAMES};
 use shared::socket::{recv_frames, send_frames, send_one};
-use shared::{ErrorCode, Metrics};
+use shared::Metrics;
 use zmq::Message;
 
 use crate::{Frame, Handler, HandlerError};
@@ -112,6 +114,22 @@ pub struct Job {
     pub body: Vec<Frame>,
 }
 
+/// What every worker of a pool shares: where the coordinator is, the shared queue, the
+/// metrics and activity board, and the reply size limit.
+#[derive(Clone)]
+pub struct Pool {
+    /// The coordinator's inproc endpoint, bound in the context passed to [`Worker::spawn`].
+    pub endpoint: String,
+    /// Requests queued while no worker was idle.
+    pub queue: Receiver<Job>,
+    /// The broker's metrics.
+    pub metrics: Arc<Metrics>,
+    /// What each worker is doing.
+    pub activity: Arc<Activity>,
+    /// Largest reply body a handler may return; larger becomes `ERR handler_failed`.
+    pub max_reply_bytes: usize,
+}
+
 /// A running worker thread, owned (and joined) by the coordinator.
 #[derive(Debug)]
 pub struct Worker {
@@ -122,20 +140,17 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Connects a DEALER to the coordinator at `endpoint` (an inproc endpoint already bound
-    /// in `ctx`) and starts the worker thread `worker-<index>` running `handler`.
+    /// Connects a DEALER to the coordinator at `pool.endpoint` (an inproc endpoint already
+    /// bound in `ctx`) and starts the worker thread `worker-<index>` running `handler`.
     pub fn spawn(
         ctx: &zmq::Context,
-        endpoint: &str,
+        pool: &Pool,
         index: u32,
         handler: Box<dyn Handler>,
-        metrics: Arc<Metrics>,
-        activity: Arc<Activity>,
-        queue: Receiver<Job>,
     ) -> Result<Worker, Error> {
         let connect_error = |source| Error::Connect {
             index,
-            endpoint: endpoint.to_owned(),
+            endpoint: pool.endpoint.clone(),
             source,
         };
         let socket = ctx.socket(zmq::DEALER).map_err(connect_error)?;
@@ -143,31 +158,26 @@ impl Worker {
             .set_identity(&internal::worker_id(index))
             .map_err(connect_error)?;
         socket.set_linger(0).map_err(connect_error)?;
-        socket.connect(endpoint).map_err(connect_error)?;
+        socket.connect(&pool.endpoint).map_err(connect_error)?;
+        let pool = pool.clone();
         let thread = thread::Builder::new()
             .name(format!("worker-{index}"))
-            .spawn(move || run(socket, index as usize, handler, &metrics, &activity, queue))
+            .spawn(move || run(socket, index as usize, handler, pool))
             .map_err(|source| Error::Spawn { index, source })?;
         Ok(Worker { index, thread })
     }
 }
 
-fn run(
-    socket: zmq::Socket,
-    index: usize,
-    handler: Box<dyn Handler>,
-    metrics: &Metrics,
-    activity: &Activity,
-    queue: Receiver<Job>,
-) {
+fn run(socket: zmq::Socket, index: usize, handler: Box<dyn Handler>, pool: Pool) {
     let mut worker = Running {
         socket,
         index,
         handler,
-        rec: metrics.recorder(),
-        activity,
+        rec: pool.metrics.recorder(),
+        activity: &pool.activity,
+        max_reply_bytes: pool.max_reply_bytes,
     };
-    if let Err(e) = worker.announce() {
+    if let Err(e) = send_one(&worker.socket, Message::from(internal::READY), 0) {
         log::error!("worker {index}: cannot announce itself: {e}");
         return;
     }
@@ -187,28 +197,37 @@ fn run(
         if frames.len() == 1 && &frames[0][..] == internal::STOP {
             break;
         }
-        let outcome = if frames.len() < 2 {
+        let Some(mut ticket) = frames.first().and_then(|t| Ticket::from_bytes(t)) else {
             log::error!("worker {index}: malformed message from the coordinator ignored");
-            Ok(())
-        } else {
-            let ticket = frames.remove(0);
-            worker
-                .run_one(ticket, std::mem::take(&mut frames))
-                .map(|spare| frames = spare)
-                // Busy: take queued requests without a round trip through the coordinator.
-                // Only a free worker takes one, so nothing waits behind a slow request.
-                .and_then(|()| {
-                    while let Ok(job) = queue.try_recv() {
-                        let now = Instant::now();
-                        worker.rec.picked_up(now.duration_since(job.received));
-                        worker.rec.flush_if_due(now);
-                        let ticket = Message::from(&job.ticket.to_bytes()[..]);
-                        frames = worker.run_one(ticket, job.body)?;
-                    }
-                    Ok(())
-                })
-        }
-        .and_then(|()| worker.announce());
+            continue;
+        };
+        frames.remove(0);
+        let mut body = std::mem::take(&mut frames);
+        // Busy: run this request, then any queued ones, without a round trip through the
+        // coordinator. Only a free worker takes one, so nothing waits behind a slow request.
+        let outcome = loop {
+            let reply = worker.run_one(body);
+            let next = pool.queue.try_recv().ok();
+            // The reply says whether this worker is idle now, so no separate READY is needed.
+            let head = ReplyHead {
+                ticket,
+                idle: next.is_none(),
+            };
+            if head.idle {
+                // Publish counts before going quiet.
+                worker.rec.flush();
+            }
+            match worker.send_reply(head, reply) {
+                Ok(spare) => frames = spare,
+                Err(e) => break Err(e),
+            }
+            let Some(job) = next else { break Ok(()) };
+            let now = Instant::now();
+            worker.rec.picked_up(now.duration_since(job.received));
+            worker.rec.flush_if_due(now);
+            ticket = job.ticket;
+            body = job.body;
+        };
         match outcome {
             Ok(()) => {}
             Err(zmq::Error::ETERM) => break,
@@ -228,17 +247,12 @@ struct Running<'a> {
     handler: Box<dyn Handler>,
     rec: Recorder,
     activity: &'a Activity,
+    max_reply_bytes: usize,
 }
 
 impl Running<'_> {
-    /// Tells the coordinator this worker is free (and the queue was empty).
-    fn announce(&mut self) -> zmq::Result<()> {
-        self.rec.flush();
-        send_one(&self.socket, Message::from(internal::READY), 0)
-    }
-
-    /// Runs one request and sends its reply; returns a spare frame buffer.
-    fn run_one(&mut self, ticket: Message, body: Vec<Frame>) -> zmq::Result<Vec<Frame>> {
+    /// Runs one request's handler, catching a panic.
+    fn run_one(&mut self, body: Vec<Frame>) -> Result<Vec<Frame>, HandlerError> {
         let started = Instant::now();
         self.activity.begin(self.index);
         self.rec.worker_started();
@@ -247,38 +261,45 @@ impl Running<'_> {
         self.activity.end(self.index);
         self.rec.worker_finished(started.elapsed());
         match result {
-            Ok(Ok(mut reply)) => {
-                let status = [ticket, Message::from(STATUS_OK)];
-                send_frames(&self.socket, status.into_iter().chain(reply.drain(..)), 0)?;
-                Ok(reply)
+            Ok(Ok(reply)) => {
+                let size: usize = reply.iter().map(|f| f.len()).sum();
+                if size > self.max_reply_bytes || reply.len() >= MAX_FRAMES {
+                    Err(HandlerError::failed(format!(
+                        "reply of {size} bytes in {} frames exceeds the reply limit",
+                        reply.len()
+                    )))
+                } else {
+                    Ok(reply)
+                }
             }
-            Ok(Err(HandlerError { code, message })) => {
-                send_error(&self.socket, ticket, code, &message).map(|()| Vec::new())
-            }
-            Err(panic) => send_error(
-                &self.socket,
-                ticket,
-                ErrorCode::HandlerFailed,
-                &format!("handler panicked: {}", panic_message(&panic)),
-            )
-            .map(|()| Vec::new()),
+            Ok(Err(e)) => Err(e),
+            Err(panic) => Err(HandlerError::failed(format!(
+                "handler panicked: {}",
+                panic_message(&panic)
+            ))),
         }
     }
-}
 
-fn send_error(
-    socket: &zmq::Socket,
-    ticket: Message,
-    code: ErrorCode,
-    message: &str,
-) -> zmq::Result<()> {
-    let frames = [
-        ticket,
-        Message::from(STATUS_ERR),
-        Message::from(code.as_str()),
-        Message::from(message),
-    ];
-    send_frames(socket, frames, 0)
+    /// Sends a reply to the coordinator; returns the reply's emptied frame buffer for reuse.
+    fn send_reply(
+        &mut self,
+        head: ReplyHead,
+        reply: Result<Vec<Frame>, HandlerError>,
+    ) -> zmq::Result<Vec<Frame>> {
+        let head = Message::from(&head.to_bytes()[..]);
+        match reply {
+            Ok(mut frames) => {
+                let all = std::iter::once(head).chain(encode_ok(frames.drain(..)));
+                send_frames(&self.socket, all, 0)?;
+                Ok(frames)
+            }
+            Err(HandlerError { code, message }) => {
+                let all = std::iter::once(head).chain(encode_err(code, &message));
+                send_frames(&self.socket, all, 0)?;
+                Ok(Vec::new())
+            }
+        }
+    }
 }
 
 fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
@@ -301,54 +322,83 @@ mod tests {
             match &request[0][..] {
                 b"panic" => panic!("asked to"),
                 b"refuse" => Err(HandlerError::bad_request("refused")),
+                b"huge" => Ok(vec![Frame::from(&[0u8; 11][..])]),
                 _ => Ok(request),
             }
         }
     }
 
-    fn exchange(router: &zmq::Socket, id: &[u8], body: &[u8]) -> Vec<Vec<u8>> {
-        let ticket = internal::Ticket {
-            slot: 1,
-            generation: 2,
-        }
-        .to_bytes();
-        router
-            .send_multipart([id, &ticket[..], body], 0)
-            .expect("dispatch");
+    const TICKET: Ticket = Ticket {
+        slot: 1,
+        generation: 2,
+    };
+
+    /// Reads one reply: (head, body frames).
+    fn reply(router: &zmq::Socket) -> (ReplyHead, Vec<Vec<u8>>) {
         let mut frames = Vec::new();
         recv_frames(router, 0, &mut frames).expect("reply");
-        assert_eq!(&frames[1][..], &ticket[..], "ticket comes back");
-        // Free again (its queue is empty), it says so.
+        let head = ReplyHead::from_bytes(&frames[1]).expect("reply head");
+        (head, frames[2..].iter().map(|f| f.to_vec()).collect())
+    }
+
+    fn exchange(router: &zmq::Socket, id: &[u8], body: &[u8]) -> Vec<Vec<u8>> {
+        router
+            .send_multipart([id, &TICKET.to_bytes()[..], body], 0)
+            .expect("dispatch");
+        let (head, body) = reply(router);
+        // The queue is empty: the reply itself says the worker is idle again.
+        assert_eq!(
+            head,
+            ReplyHead {
+                ticket: TICKET,
+                idle: true
+            }
+        );
+        body
+    }
+
+    fn start(
+        path: &str,
+    ) -> (
+        zmq::Context,
+        zmq::Socket,
+        Worker,
+        crossbeam_channel::Sender<Job>,
+    ) {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).expect("router");
+        router.bind(path).expect("bind");
+        let (queue, jobs) = crossbeam_channel::bounded(4);
+        let pool = Pool {
+            endpoint: path.into(),
+            queue: jobs,
+            metrics: Arc::new(Metrics::new("test").expect("metrics")),
+            activity: Arc::new(Activity::new(1)),
+            max_reply_bytes: 10,
+        };
+        let worker = Worker::spawn(&ctx, &pool, 0, Box::new(Panicky)).expect("spawn");
         let ready = router.recv_multipart(0).expect("READY");
-        assert_eq!(ready[1], internal::READY);
-        frames[2..].iter().map(|f| f.to_vec()).collect()
+        let id = internal::worker_id(0);
+        assert_eq!(ready, [id.to_vec(), internal::READY.to_vec()]);
+        (ctx, router, worker, queue)
+    }
+
+    fn stop(router: &zmq::Socket, worker: Worker) {
+        let id = internal::worker_id(0);
+        router
+            .send_multipart([&id[..], internal::STOP], 0)
+            .expect("stop");
+        worker.thread.join().expect("worker exits after STOP");
     }
 
     #[test]
     fn a_panicking_handler_answers_handler_failed_and_keeps_serving() {
-        let ctx = zmq::Context::new();
-        let router = ctx.socket(zmq::ROUTER).expect("router");
-        router.bind("inproc://pool-test").expect("bind");
-        let metrics = Arc::new(Metrics::new("test").expect("metrics"));
-        let activity = Arc::new(Activity::new(1));
+        let (_ctx, router, worker, _queue) = start("inproc://pool-test-panic");
+        let id = internal::worker_id(0);
         // Keep the test output clean of the expected panic message.
         std::panic::set_hook(Box::new(|_| {}));
-        let (_queue, jobs) = crossbeam_channel::bounded(1);
-        let worker = Worker::spawn(
-            &ctx,
-            "inproc://pool-test",
-            0,
-            Box::new(Panicky),
-            metrics,
-            activity,
-            jobs,
-        )
-        .expect("spawn");
-        let ready = router.recv_multipart(0).expect("READY");
-        let id = internal::worker_id(0);
-        assert_eq!(ready, [id.to_vec(), internal::READY.to_vec()]);
-
         let reply = exchange(&router, &id, b"panic");
+        let _ = std::panic::take_hook();
         assert_eq!(&reply[..2], [b"ERR".to_vec(), b"handler_failed".to_vec()]);
         assert!(String::from_utf8_lossy(&reply[2]).contains("asked to"));
         let reply = exchange(&router, &id, b"refuse");
@@ -360,13 +410,42 @@ mod tests {
                 b"refused".to_vec()
             ]
         );
+        // A reply over the limit (10 bytes here) is refused, not sent.
+        let reply = exchange(&router, &id, b"huge");
+        assert_eq!(&reply[..2], [b"ERR".to_vec(), b"handler_failed".to_vec()]);
         let reply = exchange(&router, &id, b"hello");
         assert_eq!(reply, [b"OK".to_vec(), b"hello".to_vec()]);
+        stop(&router, worker);
+    }
 
+    #[test]
+    fn a_busy_worker_takes_queued_requests_and_says_idle_only_at_the_end() {
+        let (_ctx, router, worker, queue) = start("inproc://pool-test-queue");
+        let id = internal::worker_id(0);
+        let queued = Ticket {
+            slot: 9,
+            generation: 0,
+        };
+        queue
+            .send(Job {
+                ticket: queued,
+                received: Instant::now(),
+                body: vec![Frame::from("second")],
+            })
+            .expect("queue");
         router
-            .send_multipart([&id[..], internal::STOP], 0)
-            .expect("stop");
-        worker.thread.join().expect("worker exits after STOP");
-        let _ = std::panic::take_hook();
+            .send_multipart([&id[..], &TICKET.to_bytes()[..], b"first"], 0)
+            .expect("dispatch");
+        let (head, body) = reply(&router);
+        assert_eq!(
+            (head.ticket, head.idle),
+            (TICKET, false),
+            "took the queued one"
+        );
+        assert_eq!(body, [b"OK".to_vec(), b"first".to_vec()]);
+        let (head, body) = reply(&router);
+        assert_eq!((head.ticket, head.idle), (queued, true));
+        assert_eq!(body, [b"OK".to_vec(), b"second".to_vec()]);
+        stop(&router, worker);
     }
 }

@@ -4,13 +4,42 @@
 //! a one-line reason on stderr.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use shared::protocol::{parse_reply, Reply, HEALTH_REQUEST};
 
-use crate::config::ProbeArgs;
+use crate::security::{CurveArgs, Security};
+
+/// The longest `--timeout`.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Flags of `broker probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Broker front endpoint to send the health request to.
+    #[arg(
+        long,
+        env = "BROKER_PROBE_ENDPOINT",
+        default_value = "tcp://127.0.0.1:5555"
+    )]
+    pub endpoint: String,
+    /// Give up (exit 1) when no reply came within this time (more than 0, at most 1h).
+    #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = parse_timeout, default_value = "500ms")]
+    pub timeout: Duration,
+    /// Probe this admin URL (e.g. http://127.0.0.1:8000/livez) instead; 2xx is healthy.
+    #[arg(long, env = "BROKER_PROBE_HTTP")]
+    pub http: Option<String>,
+    /// CURVE settings, for a broker that requires them.
+    #[command(flatten)]
+    pub curve: CurveArgs,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    shared::parse::bounded_duration(text, MAX_TIMEOUT, true)
+}
 
 /// Why a probe failed; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +47,12 @@ pub enum ProbeError {
     /// libzmq refused a step (bad endpoint, say).
     #[error("{0}: {1}")]
     Zmq(&'static str, zmq::Error),
+    /// The endpoint's host name did not resolve.
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    /// The endpoint is not one a client can connect to.
+    #[error("{0}: expected tcp://HOST:PORT or ipc://PATH")]
+    Endpoint(String),
     /// Nothing came back in time.
     #[error("no reply from {0} within {1:?}")]
     Timeout(String, Duration),
@@ -27,13 +62,20 @@ pub enum ProbeError {
     /// The admin URL could not be used.
     #[error("{0}")]
     Http(String),
+    /// The CURVE settings could not be used.
+    #[error(transparent)]
+    Key(#[from] crate::security::KeyError),
 }
 
 /// Runs the probe and maps the result to the exit code.
 pub fn run(args: &ProbeArgs) -> ExitCode {
     let result = match &args.http {
         Some(url) => probe_http(url, args.timeout),
-        None => probe_zmq(&args.endpoint, args.timeout),
+        None => args
+            .curve
+            .security()
+            .map_err(ProbeError::from)
+            .and_then(|security| probe_zmq(&args.endpoint, args.timeout, &security)),
     };
     match result {
         Ok(state) => {
@@ -47,8 +89,35 @@ pub fn run(args: &ProbeArgs) -> ExitCode {
     }
 }
 
+/// Checks that `endpoint` names something a client can connect to, resolving a host name now
+/// so a lookup failure is reported as one (libzmq would only retry it quietly).
+fn check_endpoint(endpoint: &str) -> Result<(), ProbeError> {
+    if endpoint.starts_with("ipc://") {
+        return Ok(());
+    }
+    let hostport = endpoint
+        .strip_prefix("tcp://")
+        .ok_or_else(|| ProbeError::Endpoint(endpoint.into()))?;
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| ProbeError::Endpoint(endpoint.into()))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(ProbeError::Endpoint(endpoint.into()));
+    }
+    match hostport.to_socket_addrs().map(|addrs| addrs.count()) {
+        Ok(0) => Err(ProbeError::Resolve(host.into(), "no address".into())),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ProbeError::Resolve(host.into(), e.to_string())),
+    }
+}
+
 /// Sends a health request to `endpoint`; returns the broker's state.
-pub fn probe_zmq(endpoint: &str, timeout: Duration) -> Result<String, ProbeError> {
+pub fn probe_zmq(
+    endpoint: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<String, ProbeError> {
+    check_endpoint(endpoint)?;
     let ctx = zmq::Context::new();
     let socket = ctx
         .socket(zmq::REQ)
@@ -57,6 +126,9 @@ pub fn probe_zmq(endpoint: &str, timeout: Duration) -> Result<String, ProbeError
     socket
         .set_linger(0)
         .map_err(|e| ProbeError::Zmq("linger", e))?;
+    security
+        .apply(&socket)
+        .map_err(|e| ProbeError::BadReply(endpoint.into(), e.to_string()))?;
     socket
         .connect(endpoint)
         .map_err(|e| ProbeError::Zmq("connect", e))?;
@@ -96,7 +168,7 @@ pub fn probe_http(url: &str, timeout: Duration) -> Result<String, ProbeError> {
     };
     let fail = |what: &str, e: std::io::Error| ProbeError::Http(format!("{url}: {what}: {e}"));
     let deadline = Instant::now() + timeout;
-    let addr = authority
+    let addr: SocketAddr = authority
         .to_socket_addrs()
         .map_err(|e| fail("resolve", e))?
         .next()
@@ -124,5 +196,27 @@ pub fn probe_http(url: &str, timeout: Duration) -> Result<String, ProbeError> {
     match status_line.split_whitespace().nth(1) {
         Some(code) if code.starts_with('2') => Ok(status_line),
         _ => Err(ProbeError::Http(format!("{url}: {status_line}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_timeouts_are_checked() {
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("300000000000y").is_err());
+        assert_eq!(parse_timeout("2s"), Ok(Duration::from_secs(2)));
+        assert!(matches!(
+            check_endpoint("tcp://no-such-host.invalid:5555"),
+            Err(ProbeError::Resolve(host, _)) if host == "no-such-host.invalid"
+        ));
+        assert!(matches!(
+            check_endpoint("udp://x"),
+            Err(ProbeError::Endpoint(_))
+        ));
+        assert!(check_endpoint("tcp://127.0.0.1:5555").is_ok());
     }
 }

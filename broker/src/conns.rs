@@ -1,0 +1,550 @@
+//! Front connections as the broker accounts for them: each one libzmq accepts is duplicated
+//! (so it can be measured and shut down without racing libzmq), counted against
+//! `--max-connections`, and carries byte counters that bound what libzmq holds for it.
+//!
+//! The coordinator owns the [`Table`]: it learns of connections from the front socket's
+//! monitor, attributes every request it reads to its connection (`__fd` metadata), and counts
+//! reply bytes as it sends them. The guard thread reads the same [`Conn`] values through the
+//! [`Registry`], measures them with `TCP_INFO`, and shuts down those over their limits.
+//!
+//! Per connection, in wire bytes (ZMTP framing included):
+//! - held inbound = bytes the kernel received - bytes of requests the coordinator read - the
+//!   handshake allowance: the kernel's receive buffer, a frame libzmq is still receiving, and
+//!   complete requests not yet read;
+//! - held outbound = bytes of replies handed to libzmq - (bytes the peer acknowledged - the
+//!   handshake libzmq wrote): replies in libzmq's queue and in the kernel's send buffer.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::sys::{self, TcpCounters};
+
+/// What libzmq reads of a connection before any request: the ZMTP greeting (64 bytes) and the
+/// READY command with the peer's metadata (socket type and a routing id of up to 255 bytes).
+pub const HANDSHAKE_ALLOWANCE: u64 = 1024;
+
+/// Why the broker closed a connection itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ResetReason {
+    /// Over `--max-connections` when it arrived (counted as refused, not reset).
+    Limit = 1,
+    /// Held more than `--max-connection-bytes` in one direction.
+    Oversized = 2,
+    /// Held bytes without progress (no complete request, or no reply read) for
+    /// `--stall-timeout`.
+    Stalled = 3,
+    /// Among the largest holders while all connections together held more than
+    /// `--max-buffered-bytes`.
+    Budget = 4,
+    /// Among the largest holders while the process was near its memory limit.
+    Memory = 5,
+}
+
+impl ResetReason {
+    /// Every reason a connection is reset (not refused), for metric labels.
+    pub const RESETS: [ResetReason; 4] = [
+        ResetReason::Oversized,
+        ResetReason::Stalled,
+        ResetReason::Budget,
+        ResetReason::Memory,
+    ];
+
+    /// The metric label and log word.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::Limit => "limit",
+            ResetReason::Oversized => "oversized",
+            ResetReason::Stalled => "stalled",
+            ResetReason::Budget => "budget",
+            ResetReason::Memory => "memory",
+        }
+    }
+
+    fn from_u8(raw: u8) -> Option<ResetReason> {
+        match raw {
+            1 => Some(ResetReason::Limit),
+            2 => Some(ResetReason::Oversized),
+            3 => Some(ResetReason::Stalled),
+            4 => Some(ResetReason::Budget),
+            5 => Some(ResetReason::Memory),
+            _ => None,
+        }
+    }
+}
+
+/// One front connection, shared by the coordinator and the guard.
+#[derive(Debug)]
+pub struct Conn {
+    /// A serial number, unique for the broker's life (fd numbers are reused).
+    pub id: u64,
+    /// The broker's duplicate of libzmq's socket.
+    fd: OwnedFd,
+    /// When libzmq accepted it.
+    pub opened: Instant,
+    /// Wire bytes of requests the coordinator read from it.
+    pub consumed: AtomicU64,
+    /// Wire bytes of replies the coordinator handed to libzmq for it.
+    pub sent: AtomicU64,
+    /// `tcpi_bytes_received` at the last measurement.
+    pub received: AtomicU64,
+    /// `tcpi_bytes_acked` at the last measurement.
+    pub acked: AtomicU64,
+    /// What libzmq wrote before any reply (greeting, READY), measured at the first request.
+    pub handshake_out: AtomicU64,
+    /// Set once the broker shut the connection down; the reason is in `reset`.
+    reset: AtomicU8,
+    /// Refused at accept (over `--max-connections`): never served.
+    refused: AtomicBool,
+}
+
+impl Conn {
+    fn new(id: u64, fd: OwnedFd) -> Conn {
+        Conn {
+            id,
+            fd,
+            opened: Instant::now(),
+            consumed: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            handshake_out: AtomicU64::new(0),
+            reset: AtomicU8::new(0),
+            refused: AtomicBool::new(false),
+        }
+    }
+
+    /// Reads the kernel's counters now and records them.
+    pub fn measure(&self) -> std::io::Result<TcpCounters> {
+        let counters = sys::tcp_counters(self.fd.as_fd())?;
+        self.received.store(counters.received, Ordering::Relaxed);
+        self.acked.fetch_max(counters.acked, Ordering::Relaxed);
+        Ok(counters)
+    }
+
+    /// Inbound bytes held for this connection as of the last measurement.
+    pub fn held_in(&self) -> u64 {
+        self.received
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.consumed.load(Ordering::Relaxed))
+            .saturating_sub(HANDSHAKE_ALLOWANCE)
+    }
+
+    /// Outbound bytes held for this connection as of the last measurement.
+    pub fn held_out(&self) -> u64 {
+        let delivered = self
+            .acked
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.handshake_out.load(Ordering::Relaxed));
+        self.sent.load(Ordering::Relaxed).saturating_sub(delivered)
+    }
+
+    /// Shuts the connection down (libzmq then drops it and everything it held) and records
+    /// why. Returns false if it was already shut down.
+    pub fn reset(&self, reason: ResetReason) -> bool {
+        if self
+            .reset
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        if let Err(e) =
+            nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+        {
+            log::debug!("shutdown of connection {} failed: {e}", self.id);
+        }
+        true
+    }
+
+    /// Why the broker shut it down, if it did.
+    pub fn reset_reason(&self) -> Option<ResetReason> {
+        ResetReason::from_u8(self.reset.load(Ordering::Acquire))
+    }
+
+    /// True if it was refused at accept.
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// The live connections, for the guard's scans.
+#[derive(Debug, Default)]
+pub struct Registry {
+    live: Mutex<Vec<Arc<Conn>>>,
+}
+
+impl Registry {
+    /// A copy of the live list; the `Arc`s keep each socket open while the caller uses it.
+    pub fn snapshot(&self) -> Vec<Arc<Conn>> {
+        self.live.lock().clone()
+    }
+
+    /// How many connections are open.
+    pub fn len(&self) -> usize {
+        self.live.lock().len()
+    }
+
+    /// True when no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn add(&self, conn: Arc<Conn>) {
+        self.live.lock().push(conn);
+    }
+
+    fn remove(&self, id: u64) {
+        self.live.lock().retain(|c| c.id != id);
+    }
+}
+
+/// What became of a connection the monitor reported accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Tracked and served.
+    Tracked,
+    /// Over `--max-connections`: shut down at once.
+    Refused,
+    /// Could not be duplicated or is not a front connection (it closed before the event was
+    /// read and its number was reused).
+    Untracked,
+}
+
+/// What the table knows of the connection a request came through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attribution {
+    /// A served connection, by id.
+    Tracked(u64),
+    /// Over `--max-connections` and being closed: the request is not served.
+    Refused,
+    /// Not tracked (an ipc:// connection, or one whose events were lost).
+    Untracked,
+}
+
+/// A closed connection's final figures.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    /// Replies handed to libzmq that the peer never acknowledged: lost with the connection.
+    pub undelivered: u64,
+    /// Why the broker closed it, if it did.
+    pub reset: Option<ResetReason>,
+    /// It was refused at accept.
+    pub refused: bool,
+}
+
+/// The coordinator's view of one connection: the shared counters plus the end offset of each
+/// reply not yet known to be delivered, to count what is lost if the peer goes.
+#[derive(Debug)]
+struct Tracked {
+    conn: Arc<Conn>,
+    pending: VecDeque<u64>,
+    first_request_seen: bool,
+}
+
+/// At most this many reply offsets are kept per connection before a measurement trims them.
+const PENDING_TRIM: usize = 1024;
+
+/// Every front connection, indexed by libzmq's fd number (small and dense), owned by the
+/// coordinator.
+#[derive(Debug)]
+pub struct Table {
+    by_fd: Vec<Option<Tracked>>,
+    registry: Arc<Registry>,
+    max: usize,
+    front_port: Option<u16>,
+    next_id: u64,
+    open: usize,
+    /// Outbound bytes held for all connections: exact after [`Table::resync`], raised by
+    /// every reply sent, lowered by every measurement.
+    out_estimate: u64,
+}
+
+impl Table {
+    /// A table that refuses connections beyond `max`. `front_port` (the front socket's TCP
+    /// port) tells a front connection from any other socket a reused fd number may name.
+    pub fn new(max: usize, front_port: Option<u16>, registry: Arc<Registry>) -> Table {
+        Table {
+            by_fd: Vec::new(),
+            registry,
+            max,
+            front_port,
+            next_id: 0,
+            open: 0,
+            out_estimate: 0,
+        }
+    }
+
+    /// Connections open now (refused ones excluded).
+    pub fn open(&self) -> usize {
+        self.open
+    }
+
+    /// The monitor reported `zmq_fd` accepted.
+    pub fn accepted(&mut self, zmq_fd: RawFd) -> Accepted {
+        let Ok(index) = usize::try_from(zmq_fd) else {
+            return Accepted::Untracked;
+        };
+        let Ok(fd) = sys::dup_socket(zmq_fd) else {
+            return Accepted::Untracked;
+        };
+        if let Some(port) = self.front_port {
+            let local =
+                nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd());
+            let ours = local.ok().is_some_and(|addr| {
+                addr.as_sockaddr_in().map(|a| a.port()) == Some(port)
+                    || addr.as_sockaddr_in6().map(|a| a.port()) == Some(port)
+            });
+            if !ours {
+                return Accepted::Untracked;
+            }
+        }
+        if self.by_fd.len() <= index {
+            self.by_fd.resize_with(index + 1, || None);
+        }
+        if let Some(stale) = self.by_fd[index].take() {
+            // Its DISCONNECTED event was lost or is still queued: close it out now.
+            self.finish(stale);
+        }
+        self.next_id += 1;
+        let conn = Arc::new(Conn::new(self.next_id, fd));
+        let verdict = if self.open >= self.max {
+            conn.refused.store(true, Ordering::Relaxed);
+            conn.reset(ResetReason::Limit);
+            Accepted::Refused
+        } else {
+            self.open += 1;
+            self.registry.add(Arc::clone(&conn));
+            Accepted::Tracked
+        };
+        self.by_fd[index] = Some(Tracked {
+            conn,
+            pending: VecDeque::new(),
+            first_request_seen: false,
+        });
+        verdict
+    }
+
+    /// The monitor reported `zmq_fd` closed. Returns its final figures if it was tracked.
+    pub fn disconnected(&mut self, zmq_fd: RawFd) -> Option<Closed> {
+        let index = usize::try_from(zmq_fd).ok()?;
+        let tracked = self.by_fd.get_mut(index)?.take()?;
+        Some(self.finish(tracked))
+    }
+
+    fn finish(&mut self, mut tracked: Tracked) -> Closed {
+        let conn = Arc::clone(&tracked.conn);
+        self.out_estimate = self.out_estimate.saturating_sub(conn.held_out());
+        // Our duplicate keeps the socket readable after libzmq closed it: this is the exact
+        // count of what the peer acknowledged.
+        let _ = conn.measure();
+        trim(&mut tracked);
+        let refused = conn.refused();
+        if !refused {
+            self.open -= 1;
+            self.registry.remove(conn.id);
+        }
+        Closed {
+            undelivered: tracked.pending.len() as u64,
+            reset: conn.reset_reason(),
+            refused,
+        }
+    }
+
+    /// The connection a request read from `zmq_fd` came through, with its wire size counted.
+    pub fn request_read(&mut self, zmq_fd: RawFd, wire_bytes: u64) -> Attribution {
+        let Some(tracked) = self.get_mut(zmq_fd) else {
+            return Attribution::Untracked;
+        };
+        let conn = &tracked.conn;
+        conn.consumed.fetch_add(wire_bytes, Ordering::Relaxed);
+        if conn.refused() {
+            return Attribution::Refused;
+        }
+        if !tracked.first_request_seen {
+            tracked.first_request_seen = true;
+            // The peer acknowledged our greeting and READY before it could send a request.
+            if let Ok(counters) = conn.measure() {
+                conn.handshake_out.store(counters.acked, Ordering::Relaxed);
+            }
+        }
+        Attribution::Tracked(conn.id)
+    }
+
+    /// Outbound bytes held for connection `id` on `zmq_fd`, measured now if the recorded
+    /// figure is above `limit` (it may be stale). `None` if that connection is gone.
+    pub fn held_out(&mut self, zmq_fd: RawFd, id: u64, limit: u64) -> Option<u64> {
+        let tracked = self.get_mut(zmq_fd).filter(|t| t.conn.id == id)?;
+        let before = tracked.conn.held_out();
+        if before <= limit {
+            return Some(before);
+        }
+        let _ = tracked.conn.measure();
+        trim(tracked);
+        let after = tracked.conn.held_out();
+        self.out_estimate = self.out_estimate.saturating_sub(before - after.min(before));
+        Some(after)
+    }
+
+    /// A reply of `wire_bytes` was handed to libzmq for connection `id`.
+    pub fn reply_sent(&mut self, zmq_fd: RawFd, id: u64, wire_bytes: u64) {
+        let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) else {
+            return;
+        };
+        let end = tracked.conn.sent.fetch_add(wire_bytes, Ordering::Relaxed) + wire_bytes;
+        tracked.pending.push_back(end);
+        if tracked.pending.len() >= PENDING_TRIM {
+            let _ = tracked.conn.measure();
+            trim(tracked);
+        }
+        self.out_estimate += wire_bytes;
+    }
+
+    /// Outbound bytes held for all connections (see the field's note on freshness).
+    pub fn out_estimate(&self) -> u64 {
+        self.out_estimate
+    }
+
+    /// Recomputes the outbound total from the latest measurements (the guard's included).
+    pub fn resync(&mut self) {
+        self.out_estimate = self.by_fd.iter().flatten().map(|t| t.conn.held_out()).sum();
+    }
+
+    /// Measures every connection holding outbound bytes (when the total looks over budget).
+    pub fn measure_outbound(&mut self) {
+        for tracked in self.by_fd.iter_mut().flatten() {
+            if tracked.conn.held_out() > 0 {
+                let _ = tracked.conn.measure();
+                trim(tracked);
+            }
+        }
+        self.resync();
+    }
+
+    /// Drops every connection (at exit): our duplicates close.
+    pub fn clear(&mut self) {
+        self.by_fd.clear();
+        self.open = 0;
+        self.out_estimate = 0;
+        self.registry.live.lock().clear();
+    }
+
+    fn get_mut(&mut self, zmq_fd: RawFd) -> Option<&mut Tracked> {
+        let index = usize::try_from(zmq_fd).ok()?;
+        self.by_fd.get_mut(index)?.as_mut()
+    }
+}
+
+/// Forgets the offsets of replies the peer has acknowledged.
+fn trim(tracked: &mut Tracked) {
+    let conn = &tracked.conn;
+    let delivered = conn
+        .acked
+        .load(Ordering::Relaxed)
+        .saturating_sub(conn.handshake_out.load(Ordering::Relaxed));
+    while tracked.pending.front().is_some_and(|&end| end <= delivered) {
+        tracked.pending.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair() -> (TcpListener, TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (listener, client, server)
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_refused_and_others_counted() {
+        let registry = Arc::new(Registry::default());
+        let (l1, _c1, s1) = pair();
+        let port = l1.local_addr().expect("addr").port();
+        let mut table = Table::new(1, Some(port), Arc::clone(&registry));
+        assert_eq!(table.accepted(s1.as_raw_fd()), Accepted::Tracked);
+        assert_eq!(table.open(), 1);
+        // A second connection to the same listener is over the limit.
+        let mut c2 = TcpStream::connect(l1.local_addr().expect("addr")).expect("connect");
+        let (s2, _) = l1.accept().expect("accept");
+        assert_eq!(table.accepted(s2.as_raw_fd()), Accepted::Refused);
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            c2.read(&mut buf).expect("EOF"),
+            0,
+            "refused peer sees the close"
+        );
+        assert_eq!(registry.len(), 1);
+        // A socket on another port (a reused fd number) is not a front connection.
+        let (_l3, _c3, s3) = pair();
+        assert_eq!(table.accepted(s3.as_raw_fd()), Accepted::Untracked);
+        let closed = table.disconnected(s2.as_raw_fd()).expect("tracked");
+        assert!(closed.refused);
+        let closed = table.disconnected(s1.as_raw_fd()).expect("tracked");
+        assert_eq!(closed.undelivered, 0);
+        assert_eq!((table.open(), registry.len()), (0, 0));
+    }
+
+    #[test]
+    fn held_bytes_and_undelivered_replies_come_from_the_kernel_counters() {
+        let registry = Arc::new(Registry::default());
+        let (listener, mut client, mut server) = pair();
+        let port = listener.local_addr().expect("addr").port();
+        let mut table = Table::new(10, Some(port), registry);
+        let fd = server.as_raw_fd();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        // 3000 bytes arrive; a 1000-byte request is read: 2000 - allowance are held.
+        client.write_all(&[0u8; 3000]).expect("write");
+        let mut buf = vec![0u8; 3000];
+        server.read_exact(&mut buf).expect("read");
+        let Attribution::Tracked(id) = table.request_read(fd, 1000) else {
+            panic!("tracked");
+        };
+        let conn = registry_conn(&table, fd);
+        conn.measure().expect("measure");
+        assert_eq!(conn.held_in(), 2000 - HANDSHAKE_ALLOWANCE);
+        // Two replies go out; the client reads both: nothing held, nothing undelivered.
+        for _ in 0..2 {
+            server.write_all(&[1u8; 500]).expect("reply");
+            table.reply_sent(fd, id, 500);
+        }
+        client.read_exact(&mut buf[..1000]).expect("client reads");
+        wait_acked(&conn, 1000);
+        assert_eq!(table.held_out(fd, id, 0), Some(0));
+        // A third is counted as sent but never written: undelivered when the peer goes.
+        table.reply_sent(fd, id, 500);
+        assert_eq!(table.held_out(fd, id, u64::MAX), Some(500));
+        assert_eq!(
+            table.held_out(fd, id + 1, 0),
+            None,
+            "another connection's id"
+        );
+        drop(client);
+        let closed = table.disconnected(fd).expect("tracked");
+        assert_eq!(closed.undelivered, 1);
+    }
+
+    fn registry_conn(table: &Table, fd: RawFd) -> Arc<Conn> {
+        let tracked = table.by_fd[fd as usize].as_ref().expect("tracked");
+        Arc::clone(&tracked.conn)
+    }
+
+    fn wait_acked(conn: &Conn, bytes: u64) {
+        for _ in 0..1000 {
+            if conn.measure().expect("measure").acked >= bytes {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("never acknowledged");
+    }
+}

@@ -1,0 +1,365 @@
+//! The guard thread: keeps what the front connections make libzmq and the kernel hold inside
+//! its bounds, and the process inside its memory limit.
+//!
+//! Every scan (each [`SCAN_EVERY`], and at once when memory grows fast) it reads every
+//! connection's `TCP_INFO` through the broker's duplicate socket and resets (shuts down) a
+//! connection that
+//! - holds more than `--max-connection-bytes` inbound (a request larger than any allowed
+//!   arriving, or many unread ones): `oversized`;
+//! - holds more than [`STALL_FLOOR`] bytes and has made no progress for `--stall-timeout`
+//!   (no complete request in, or none of its replies taken): `stalled`;
+//! - is among the largest holders while all connections together hold more than
+//!   `--max-buffered-bytes`: `budget`.
+//!
+//! The last resort: every [`TICK`] it reads the process's resident memory. Above
+//! [`SHED_AT_PERCENT`] of the memory limit the broker refuses new work (`ERR overloaded`) and
+//! resets the largest holders until it is below [`RESUME_AT_PERCENT`]. This catches what the
+//! byte counts cannot see, such as a message of thousands of tiny frames (libzmq keeps a
+//! 64-byte `zmq_msg_t` per frame) arriving faster than a scan.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use shared::Metrics;
+
+use crate::conns::{Conn, Registry, ResetReason};
+
+/// How often resident memory is read.
+pub const TICK: Duration = Duration::from_millis(2);
+/// How often every connection is measured when nothing else calls for it.
+pub const SCAN_EVERY: Duration = Duration::from_millis(100);
+/// Memory growth since the last scan that calls for a scan now.
+pub const SCAN_ON_GROWTH: u64 = 16 << 20;
+/// Above this share of the memory limit, new work is refused and the largest holders reset.
+pub const SHED_AT_PERCENT: u64 = 85;
+/// Below this share, new work is taken again.
+pub const RESUME_AT_PERCENT: u64 = 75;
+/// A connection holding at most this many bytes is never reset for stalling: room for a
+/// slowly arriving small request, and for the ZMTP heartbeats (about 10 bytes each) that an
+/// idle client may send, which the byte counts cannot tell from request bytes.
+pub const STALL_FLOOR: u64 = 64 * 1024;
+
+/// The guard's bounds.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// `--max-connection-bytes`.
+    pub connection_bytes: u64,
+    /// `--max-buffered-bytes`.
+    pub buffered_bytes: u64,
+    /// `--stall-timeout`.
+    pub stall_timeout: Duration,
+    /// `--memory-limit` or the cgroup's.
+    pub memory_limit: Option<u64>,
+}
+
+/// What the guard shares with the coordinator.
+#[derive(Debug, Default)]
+pub struct Shared {
+    shedding: AtomicBool,
+    held_in: AtomicU64,
+    held_out: AtomicU64,
+}
+
+impl Shared {
+    /// True while new work must be refused to stay inside the memory limit.
+    pub fn shedding(&self) -> bool {
+        self.shedding.load(Ordering::Relaxed)
+    }
+
+    /// Inbound bytes held for all connections at the last scan.
+    pub fn held_in(&self) -> u64 {
+        self.held_in.load(Ordering::Relaxed)
+    }
+
+    /// The coordinator's outbound total (for the metrics the guard publishes).
+    pub fn set_held_out(&self, bytes: u64) {
+        self.held_out.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The running guard thread.
+pub struct Guard {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Guard {
+    /// Starts the `guard` thread.
+    pub fn spawn(
+        limits: Limits,
+        registry: Arc<Registry>,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Guard> {
+        let (stop, stopped) = crossbeam_channel::bounded(1);
+        let rss = Rss::open();
+        let thread = thread::Builder::new().name("guard".into()).spawn(move || {
+            let mut guard = Scanner {
+                limits,
+                registry,
+                shared,
+                metrics,
+                progress: HashMap::new(),
+                rss,
+                scanned_rss: 0,
+                next_scan: Instant::now(),
+            };
+            guard.run(&stopped);
+        })?;
+        Ok(Guard { stop, thread })
+    }
+
+    /// Stops and joins the thread.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            log::error!("guard thread panicked");
+        }
+    }
+}
+
+/// Progress of one connection between scans.
+struct Progress {
+    consumed: u64,
+    acked: u64,
+    /// When it last made inbound progress or held little inbound.
+    in_since: Instant,
+    /// Likewise outbound.
+    out_since: Instant,
+}
+
+struct Scanner {
+    limits: Limits,
+    registry: Arc<Registry>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    progress: HashMap<u64, Progress>,
+    rss: Option<Rss>,
+    scanned_rss: u64,
+    next_scan: Instant,
+}
+
+impl Scanner {
+    fn run(&mut self, stopped: &Receiver<()>) {
+        loop {
+            match stopped.recv_timeout(TICK) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            let rss = self.rss.as_ref().and_then(Rss::read).unwrap_or(0);
+            let pressure = self.update_shedding(rss);
+            if pressure || now >= self.next_scan || rss >= self.scanned_rss + SCAN_ON_GROWTH {
+                self.scan(now, pressure.then_some(rss));
+                self.scanned_rss = rss;
+                self.next_scan = now + SCAN_EVERY;
+            }
+        }
+    }
+
+    /// Turns shedding on above [`SHED_AT_PERCENT`] and off below [`RESUME_AT_PERCENT`];
+    /// returns true while above the first.
+    fn update_shedding(&self, rss: u64) -> bool {
+        let Some(limit) = self.limits.memory_limit else {
+            return false;
+        };
+        let over = rss >= limit / 100 * SHED_AT_PERCENT;
+        let was = self.shared.shedding.load(Ordering::Relaxed);
+        let now = over || (was && rss >= limit / 100 * RESUME_AT_PERCENT);
+        if now != was {
+            self.shared.shedding.store(now, Ordering::Relaxed);
+            self.metrics.set_shedding(now);
+            if now {
+                log::warn!(
+                    "resident memory {} MiB is near the limit of {} MiB: refusing new work and \
+                     resetting the connections that hold the most",
+                    rss >> 20,
+                    limit >> 20
+                );
+            } else {
+                log::info!("resident memory {} MiB: taking work again", rss >> 20);
+            }
+        }
+        over
+    }
+
+    /// Measures every connection and resets those over a bound. With `pressure` (the
+    /// resident memory), also resets the largest holders.
+    fn scan(&mut self, now: Instant, pressure: Option<u64>) {
+        let conns = self.registry.snapshot();
+        let mut resets = [0u64; 6];
+        let mut holders: Vec<(u64, &Arc<Conn>)> = Vec::with_capacity(conns.len());
+        let (mut total_in, mut total_out) = (0u64, 0u64);
+        for conn in &conns {
+            if conn.reset_reason().is_some() || conn.measure().is_err() {
+                continue;
+            }
+            let (held_in, held_out) = (conn.held_in(), conn.held_out());
+            let consumed = conn.consumed.load(Ordering::Relaxed);
+            let acked = conn.acked.load(Ordering::Relaxed);
+            let p = self.progress.entry(conn.id).or_insert(Progress {
+                consumed,
+                acked,
+                in_since: now,
+                out_since: now,
+            });
+            if consumed != p.consumed || held_in <= STALL_FLOOR {
+                p.consumed = consumed;
+                p.in_since = now;
+            }
+            if acked != p.acked || held_out <= STALL_FLOOR {
+                p.acked = acked;
+                p.out_since = now;
+            }
+            let stalled = |since: Instant| now.duration_since(since) >= self.limits.stall_timeout;
+            let reason = if held_in > self.limits.connection_bytes {
+                Some(ResetReason::Oversized)
+            } else if stalled(p.in_since) || stalled(p.out_since) {
+                Some(ResetReason::Stalled)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                log::debug!(
+                    "connection {}: reset, {} (holds {held_in} bytes in, {held_out} out)",
+                    conn.id,
+                    reason.as_str(),
+                );
+                if conn.reset(reason) {
+                    resets[reason as usize] += 1;
+                }
+                continue;
+            }
+            total_in += held_in;
+            total_out += held_out;
+            holders.push((held_in + held_out, conn));
+        }
+        // Forget connections that are gone.
+        if self.progress.len() > conns.len() {
+            let live: std::collections::HashSet<u64> = conns.iter().map(|c| c.id).collect();
+            self.progress.retain(|id, _| live.contains(id));
+        }
+        let over_budget = (total_in + total_out).saturating_sub(self.limits.buffered_bytes);
+        // Under memory pressure free what can be freed: at least the share over the resume
+        // mark, and always something if anyone holds anything.
+        let to_free = match (pressure, self.limits.memory_limit) {
+            (Some(rss), Some(limit)) => {
+                over_budget.max(rss.saturating_sub(limit / 100 * RESUME_AT_PERCENT).max(1))
+            }
+            _ => over_budget,
+        };
+        if to_free > 0 {
+            let reason = if over_budget > 0 {
+                ResetReason::Budget
+            } else {
+                ResetReason::Memory
+            };
+            holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+            let mut freed = 0;
+            for (held, conn) in holders {
+                if freed >= to_free || held == 0 {
+                    break;
+                }
+                if conn.reset(reason) {
+                    resets[reason as usize] += 1;
+                    freed += held;
+                    total_in = total_in.saturating_sub(conn.held_in());
+                    total_out = total_out.saturating_sub(conn.held_out());
+                }
+            }
+        }
+        self.shared.held_in.store(total_in, Ordering::Relaxed);
+        self.metrics
+            .set_buffered(total_in, self.shared.held_out.load(Ordering::Relaxed));
+        self.report(&resets);
+    }
+
+    fn report(&self, resets: &[u64; 6]) {
+        let mut parts = Vec::new();
+        for reason in ResetReason::RESETS {
+            let n = resets[reason as usize];
+            if n > 0 {
+                self.metrics.connections_reset(reason.as_str(), n);
+                parts.push(format!("{n} {}", reason.as_str()));
+            }
+        }
+        // One line per scan at most, however many connections an attack opened.
+        if !parts.is_empty() {
+            log::warn!("reset connections over their bounds: {}", parts.join(", "));
+        }
+    }
+}
+
+/// The process's resident memory, from /proc/self/statm (kept open: one pread a tick).
+struct Rss {
+    file: File,
+    page: u64,
+}
+
+impl Rss {
+    fn open() -> Option<Rss> {
+        let file = File::open("/proc/self/statm").ok()?;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| u64::try_from(p).ok())
+            .unwrap_or(4096);
+        Some(Rss { file, page })
+    }
+
+    fn read(&self) -> Option<u64> {
+        let mut buf = [0u8; 128];
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some(pages * self.page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_is_read_and_grows_with_use() {
+        let rss = Rss::open().expect("statm");
+        let before = rss.read().expect("read");
+        let block = vec![1u8; 64 << 20];
+        let after = rss.read().expect("read");
+        assert!(after >= before + (60 << 20), "{before} -> {after}");
+        drop(block);
+    }
+
+    #[test]
+    fn shedding_turns_on_above_and_off_below_with_hysteresis() {
+        let scanner = Scanner {
+            limits: Limits {
+                connection_bytes: 1,
+                buffered_bytes: 1,
+                stall_timeout: Duration::from_secs(1),
+                memory_limit: Some(1000),
+            },
+            registry: Arc::new(Registry::default()),
+            shared: Arc::new(Shared::default()),
+            metrics: Arc::new(Metrics::new("test").expect("metrics")),
+            progress: HashMap::new(),
+            rss: None,
+            scanned_rss: 0,
+            next_scan: Instant::now(),
+        };
+        assert!(!scanner.update_shedding(800));
+        assert!(!scanner.shared.shedding());
+        assert!(scanner.update_shedding(850));
+        assert!(scanner.shared.shedding());
+        assert!(!scanner.update_shedding(800), "below the mark");
+        assert!(scanner.shared.shedding(), "but above the resume mark");
+        assert!(!scanner.update_shedding(740));
+        assert!(!scanner.shared.shedding());
+    }
+}

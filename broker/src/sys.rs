@@ -1,0 +1,162 @@
+//! The few operating-system calls that neither std nor nix offers safely, kept in one place so
+//! the rest of the crate stays `unsafe`-free: duplicating libzmq's connection sockets, reading
+//! `TCP_INFO` (the byte counters the memory bounds are built on), and tuning glibc's allocator.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+/// Duplicates the socket libzmq reported as `raw` (a connection's fd from the socket
+/// monitor), so the broker can measure and shut down that connection without racing libzmq's
+/// `close`: the duplicate keeps the same socket open until the broker drops it, whatever
+/// libzmq does with its own descriptor number meanwhile.
+pub fn dup_socket(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `borrow_raw` asks that `raw` stay open while borrowed. The borrow lives only
+    // for the `fcntl(F_DUPFD_CLOEXEC)` inside `try_clone_to_owned`. If libzmq closed `raw`
+    // before that call, it fails with EBADF; if the number was reused meanwhile, the duplicate
+    // names some other file, which the caller rejects by checking the socket's local address.
+    // No memory is accessed through the descriptor either way.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    borrowed.try_clone_to_owned()
+}
+
+/// The counters of one TCP connection that the broker's byte accounting uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// Bytes received from the peer (`tcpi_bytes_received`), whoever has read them since.
+    pub received: u64,
+    /// Bytes the peer acknowledged (`tcpi_bytes_acked`): they left this host's memory.
+    pub acked: u64,
+}
+
+/// The kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to the fields read here.
+/// The kernel copies `min(optlen, its size)` bytes, so an older kernel fills less and a newer
+/// one more; the length it reports says which fields are valid.
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfo {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    app_limited: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    last_data_sent: u32,
+    last_ack_sent: u32,
+    last_data_recv: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+/// Reads the connection's byte counters (Linux 4.1 and later).
+pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
+    let mut info = TcpInfo::default();
+    let mut len = std::mem::size_of::<TcpInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a plain repr(C) struct of integers, valid for any bytes, and `len` is
+    // its size, so the kernel writes at most that many bytes into it.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut TcpInfo).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of::<TcpInfo>() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TCP_INFO without byte counters (Linux older than 4.1)",
+        ));
+    }
+    Ok(TcpCounters {
+        received: info.bytes_received,
+        acked: info.bytes_acked,
+    })
+}
+
+/// Makes glibc return freed large buffers to the OS at once. By default glibc raises its
+/// mmap threshold after a large block is freed (up to 32 MiB), so later 1-2 MiB frames come
+/// from the heap and stay resident after use: a burst of large requests would then hold its
+/// peak memory for good. A fixed threshold also disables that adjustment. Fewer arenas bound
+/// the memory each thread's free lists can keep.
+pub fn tune_malloc(mmap_threshold: usize, arenas: usize) {
+    // SAFETY: mallopt only sets allocator parameters; any value is accepted or refused.
+    unsafe {
+        libc::mallopt(
+            libc::M_MMAP_THRESHOLD,
+            mmap_threshold.min(i32::MAX as usize) as i32,
+        );
+        libc::mallopt(libc::M_ARENA_MAX, arenas.min(i32::MAX as usize) as i32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn counters_follow_the_bytes_and_a_duplicate_sees_the_same_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        client.write_all(&[7u8; 1000]).expect("write");
+        let mut buf = [0u8; 1000];
+        server.read_exact(&mut buf).expect("read");
+        server.write_all(&[1u8; 300]).expect("write back");
+        client.read_exact(&mut buf[..300]).expect("read back");
+        let dup = dup_socket(server.as_raw_fd()).expect("dup");
+        let mut counters = tcp_counters(dup.as_fd()).expect("tcp_info");
+        // The acknowledgement of the last write may still be on its way.
+        for _ in 0..100 {
+            if counters.acked == 300 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            counters = tcp_counters(dup.as_fd()).expect("tcp_info");
+        }
+        assert_eq!(
+            counters,
+            TcpCounters {
+                received: 1000,
+                acked: 300
+            }
+        );
+        // Shutting the duplicate down ends the connection for its other descriptor too.
+        nix::sys::socket::shutdown(dup.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+            .expect("shutdown");
+        assert_eq!(server.read(&mut buf).expect("read after shutdown"), 0);
+    }
+}

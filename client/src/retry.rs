@@ -1,0 +1,341 @@
+//! A retrying request/reply client, the behaviour docs/protocol.md asks of clients in any
+//! language (the zguide's Lazy Pirate pattern, on a DEALER):
+//!
+//! - every request carries a fresh 8-byte id in its envelope (`[id, "", body...]`) and only a
+//!   reply with that id answers it: a late reply to an earlier, timed-out attempt is
+//!   discarded, never taken for the current request;
+//! - every attempt has a timeout; on timeout the socket is closed and reopened (the old
+//!   connection may be to a dead pod);
+//! - `ERR draining` and `ERR overloaded` are retried after a backoff, on a fresh connection so
+//!   a load balancer can pick another instance; other `ERR` replies are final;
+//! - the socket connects to every address of every endpoint and re-resolves names on a timer
+//!   (default 30 s) and on every reconnect, connecting to new addresses and dropping vanished
+//!   ones, so pods added by an autoscaler get their share and replaced pods are forgotten.
+
+use std::time::{Duration, Instant};
+
+use shared::protocol::{parse_reply, Reply};
+use shared::ErrorCode;
+
+use crate::resolve::{self, Dns, Resolve};
+use crate::security::Security;
+
+/// How hard to try.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Time to wait for each reply.
+    pub timeout: Duration,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// First backoff; doubles per retry up to `max_backoff`.
+    pub backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+    /// How often names are resolved again while the socket is open.
+    pub reresolve: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            timeout: Duration::from_secs(2),
+            retries: 5,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            reresolve: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the client did, for tests and reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests that got an `OK`.
+    pub ok: u64,
+    /// Requests that failed for good.
+    pub failed: u64,
+    /// Attempts repeated (any reason).
+    pub retries: u64,
+    /// Attempts that timed out.
+    pub timeouts: u64,
+    /// `ERR draining` replies seen.
+    pub draining: u64,
+    /// `ERR overloaded` replies seen.
+    pub overloaded: u64,
+    /// Sockets reopened.
+    pub reconnects: u64,
+    /// Replies discarded because they answered an earlier attempt.
+    pub stale: u64,
+    /// Endpoints connected after a resolution found them new.
+    pub added: u64,
+    /// Endpoints disconnected after a resolution no longer returned them.
+    pub removed: u64,
+}
+
+impl Stats {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &Stats) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.retries += other.retries;
+        self.timeouts += other.timeouts;
+        self.draining += other.draining;
+        self.overloaded += other.overloaded;
+        self.reconnects += other.reconnects;
+        self.stale += other.stale;
+        self.added += other.added;
+        self.removed += other.removed;
+    }
+}
+
+/// Why a request failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker answered `ERR` with a code that is not retried.
+    #[error("ERR {code}: {message}")]
+    Refused {
+        /// The code.
+        code: ErrorCode,
+        /// The message.
+        message: String,
+    },
+    /// Every attempt timed out or was told to go elsewhere.
+    #[error("no OK reply after {attempts} attempts")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The reply did not follow the protocol.
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+    /// An endpoint did not resolve.
+    #[error(transparent)]
+    Resolve(#[from] resolve::Error),
+    /// libzmq refused a socket operation.
+    #[error("{0}: {1}")]
+    Zmq(&'static str, zmq::Error),
+}
+
+/// A retrying request/reply client.
+pub struct Client {
+    ctx: zmq::Context,
+    endpoints: Vec<String>,
+    resolver: Box<dyn Resolve>,
+    security: Security,
+    socket: Option<zmq::Socket>,
+    connected: Vec<String>,
+    next_resolve: Instant,
+    policy: RetryPolicy,
+    stats: Stats,
+    next_id: u64,
+}
+
+impl Client {
+    /// A client of `endpoints`, resolved with DNS (names are checked now; connections open on
+    /// first use).
+    pub fn new(endpoints: &[String], policy: RetryPolicy) -> Result<Client, Error> {
+        Client::with_resolver(endpoints, policy, Dns, Security::None)
+    }
+
+    /// A client that resolves `endpoints` with `resolver` and connects with `security`.
+    pub fn with_resolver(
+        endpoints: &[String],
+        policy: RetryPolicy,
+        resolver: impl Resolve + 'static,
+        security: Security,
+    ) -> Result<Client, Error> {
+        resolver.resolve(endpoints)?;
+        Ok(Client {
+            ctx: zmq::Context::new(),
+            endpoints: endpoints.to_vec(),
+            resolver: Box::new(resolver),
+            security,
+            socket: None,
+            connected: Vec::new(),
+            next_resolve: Instant::now(),
+            policy,
+            stats: Stats::default(),
+            // Ids from different client processes need not differ: a reply comes back on the
+            // connection its request went out on. A time-based start only makes logs clearer.
+            next_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        })
+    }
+
+    /// What the client has done so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The endpoints the socket is connected to now.
+    pub fn connected(&self) -> &[String] {
+        &self.connected
+    }
+
+    /// Sends `body` and returns the frames after `OK`, retrying as the policy allows.
+    pub fn request(&mut self, body: &[&[u8]]) -> Result<Vec<Vec<u8>>, Error> {
+        let mut backoff = self.policy.backoff;
+        let attempts = self.policy.retries + 1;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                self.stats.retries += 1;
+                std::thread::sleep(jitter(backoff));
+                backoff = (backoff * 2).min(self.policy.max_backoff);
+            }
+            match self.attempt(body)? {
+                Some(Reply::Ok(frames)) => {
+                    self.stats.ok += 1;
+                    return Ok(frames);
+                }
+                Some(Reply::Err { code, message }) => match code {
+                    ErrorCode::Draining | ErrorCode::Overloaded => {
+                        if code == ErrorCode::Draining {
+                            self.stats.draining += 1;
+                        } else {
+                            self.stats.overloaded += 1;
+                        }
+                        // A fresh connection lets a balancer pick another instance.
+                        self.reopen();
+                    }
+                    _ => {
+                        self.stats.failed += 1;
+                        return Err(Error::Refused { code, message });
+                    }
+                },
+                None => {
+                    self.stats.timeouts += 1;
+                    self.reopen();
+                }
+            }
+        }
+        self.stats.failed += 1;
+        Err(Error::GaveUp { attempts })
+    }
+
+    fn reopen(&mut self) {
+        self.socket = None;
+        self.connected.clear();
+        // Resolve again before reconnecting: the pods may have changed.
+        self.next_resolve = Instant::now();
+        self.stats.reconnects += 1;
+    }
+
+    /// The socket, opened and connected, with names re-resolved if due.
+    fn socket(&mut self) -> Result<&zmq::Socket, Error> {
+        let now = Instant::now();
+        if self.socket.is_none() {
+            let socket = self
+                .ctx
+                .socket(zmq::DEALER)
+                .map_err(|e| Error::Zmq("socket", e))?;
+            // Closing must never wait; an unanswered request is retried on a new socket.
+            socket.set_linger(0).map_err(|e| Error::Zmq("linger", e))?;
+            // Queue only to peers that are connected: an address that does not answer (a pod
+            // being replaced) must not swallow requests.
+            socket
+                .set_immediate(true)
+                .map_err(|e| Error::Zmq("immediate", e))?;
+            self.security.apply(&socket)?;
+            self.socket = Some(socket);
+            self.next_resolve = now;
+        }
+        if now >= self.next_resolve {
+            self.next_resolve = now + self.policy.reresolve;
+            match self.resolver.resolve(&self.endpoints) {
+                Ok(wanted) => self.reconcile(wanted)?,
+                // Keep what is connected; a resolver outage must not cut the client off.
+                Err(e) if !self.connected.is_empty() => log::warn!("{e}; keeping connections"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.socket
+            .as_ref()
+            .ok_or(Error::Zmq("socket", zmq::Error::EFAULT))
+    }
+
+    /// Connects to endpoints that are new and disconnects from those no longer wanted.
+    fn reconcile(&mut self, wanted: Vec<String>) -> Result<(), Error> {
+        let Some(socket) = &self.socket else {
+            return Ok(());
+        };
+        for endpoint in &wanted {
+            if !self.connected.contains(endpoint) {
+                socket
+                    .connect(endpoint)
+                    .map_err(|e| Error::Zmq("connect", e))?;
+                if !self.connected.is_empty() {
+                    self.stats.added += 1;
+                }
+            }
+        }
+        for endpoint in &self.connected {
+            if !wanted.contains(endpoint) {
+                // Already gone (the peer closed) is not an error.
+                let _ = socket.disconnect(endpoint);
+                self.stats.removed += 1;
+            }
+        }
+        self.connected = wanted;
+        Ok(())
+    }
+
+    /// One attempt: the reply, or `None` on timeout.
+    fn attempt(&mut self, body: &[&[u8]]) -> Result<Option<Reply<Vec<u8>>>, Error> {
+        let deadline = Instant::now() + self.policy.timeout;
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id.to_be_bytes();
+        let socket = self.socket()?;
+        let mut frames: Vec<&[u8]> = Vec::with_capacity(body.len() + 2);
+        frames.extend([&id[..], b""]);
+        frames.extend_from_slice(body);
+        // With ZMQ_IMMEDIATE and no connected peer the send would block: wait for one.
+        loop {
+            match socket.send_multipart(&frames, zmq::DONTWAIT) {
+                Ok(()) => break,
+                Err(zmq::Error::EAGAIN) if Instant::now() < deadline => {
+                    match socket.poll(zmq::POLLOUT, 10) {
+                        Ok(_) | Err(zmq::Error::EINTR) => continue,
+                        Err(e) => return Err(Error::Zmq("poll", e)),
+                    }
+                }
+                Err(zmq::Error::EAGAIN) => return Ok(None),
+                Err(e) => return Err(Error::Zmq("send", e)),
+            }
+        }
+        let mut stale = 0;
+        let reply = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match socket.poll(zmq::POLLIN, left.as_millis().max(1) as i64) {
+                Ok(0) if Instant::now() >= deadline => break None,
+                Ok(0) | Err(zmq::Error::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(Error::Zmq("poll", e)),
+            }
+            let mut reply = socket
+                .recv_multipart(zmq::DONTWAIT)
+                .map_err(|e| Error::Zmq("recv", e))?;
+            // Only a reply carrying this attempt's id answers it.
+            if reply.len() < 2 || reply[0] != id || !reply[1].is_empty() {
+                stale += 1;
+                continue;
+            }
+            reply.drain(..2);
+            break Some(reply);
+        };
+        self.stats.stale += stale;
+        reply
+            .map(|frames| parse_reply(frames).map_err(|e| Error::Malformed(e.to_string())))
+            .transpose()
+    }
+}
+
+/// Up to 25% random-ish jitter, so clients that failed together do not retry together.
+fn jitter(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()))
+        ^ u64::from(std::process::id());
+    let spread = base.as_micros() as u64 / 4;
+    base + Duration::from_micros(if spread == 0 { 0 } else { nanos % spread })
+}
