@@ -186,8 +186,8 @@ pub struct ServeArgs {
     /// connection, an outbound one drops the reply.
     #[arg(long, env = "BROKER_MAX_CONNECTION_BYTES", default_value = defaults::MAX_CONNECTION_BYTES, value_parser = parse_size)]
     pub max_connection_bytes: u64,
-    /// Bytes all connections together may hold; beyond it the largest holders are reset and
-    /// replies dropped.
+    /// Bytes all connections together may hold in each direction; beyond it the largest
+    /// inbound holders are reset, and outbound replies that do not fit are dropped.
     #[arg(long, env = "BROKER_MAX_BUFFERED_BYTES", default_value = defaults::MAX_BUFFERED_BYTES, value_parser = parse_size)]
     pub max_buffered_bytes: u64,
     /// A connection that holds bytes without progress (no complete request arriving, or its

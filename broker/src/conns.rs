@@ -144,8 +144,8 @@ impl Conn {
         self.sent.load(Ordering::Relaxed).saturating_sub(delivered)
     }
 
-    /// Shuts the connection down (libzmq then drops it and everything it held) and records
-    /// why. Returns false if it was already shut down.
+    /// Resets the connection (libzmq then drops it and everything it held) and records why.
+    /// Returns false if it was already reset.
     pub fn reset(&self, reason: ResetReason) -> bool {
         if self
             .reset
@@ -154,10 +154,16 @@ impl Conn {
         {
             return false;
         }
-        if let Err(e) =
-            nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
-        {
-            log::debug!("shutdown of connection {} failed: {e}", self.id);
+        if let Err(e) = sys::abort_connection(self.fd.as_fd()) {
+            // Not expected on Linux; a shutdown and an empty receive queue end it too, if the
+            // peer stops sending.
+            log::debug!(
+                "abort of connection {} failed ({e}); shutting it down",
+                self.id
+            );
+            let _ =
+                nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            sys::discard_input(self.fd.as_fd());
         }
         true
     }

@@ -8,8 +8,9 @@
 //!   arriving, or many unread ones): `oversized`;
 //! - holds more than [`STALL_FLOOR`] bytes and has made no progress for `--stall-timeout`
 //!   (no complete request in, or none of its replies taken): `stalled`;
-//! - is among the largest holders while all connections together hold more than
-//!   `--max-buffered-bytes`: `budget`.
+//! - is among the largest inbound holders while all connections together hold more than
+//!   `--max-buffered-bytes` inbound: `budget`. (Outbound, the coordinator keeps the total
+//!   under the same figure by dropping replies that do not fit.)
 //!
 //! The last resort: every [`TICK`] it reads the process's resident memory. Above
 //! [`SHED_AT_PERCENT`] of the memory limit the broker refuses new work (`ERR overloaded`) and
@@ -20,7 +21,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -62,24 +63,12 @@ pub struct Limits {
 #[derive(Debug, Default)]
 pub struct Shared {
     shedding: AtomicBool,
-    held_in: AtomicU64,
-    held_out: AtomicU64,
 }
 
 impl Shared {
     /// True while new work must be refused to stay inside the memory limit.
     pub fn shedding(&self) -> bool {
         self.shedding.load(Ordering::Relaxed)
-    }
-
-    /// Inbound bytes held for all connections at the last scan.
-    pub fn held_in(&self) -> u64 {
-        self.held_in.load(Ordering::Relaxed)
-    }
-
-    /// The coordinator's outbound total (for the metrics the guard publishes).
-    pub fn set_held_out(&self, bytes: u64) {
-        self.held_out.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -109,6 +98,7 @@ impl Guard {
                 rss,
                 scanned_rss: 0,
                 next_scan: Instant::now(),
+                next_trim: Instant::now(),
             };
             guard.run(&stopped);
         })?;
@@ -143,6 +133,7 @@ struct Scanner {
     rss: Option<Rss>,
     scanned_rss: u64,
     next_scan: Instant,
+    next_trim: Instant,
 }
 
 impl Scanner {
@@ -159,6 +150,12 @@ impl Scanner {
                 self.scan(now, pressure.then_some(rss));
                 self.scanned_rss = rss;
                 self.next_scan = now + SCAN_EVERY;
+            }
+            // While shedding, hand freed memory back to the OS so the resident size reflects
+            // what is in use (glibc keeps small freed chunks in its arenas otherwise).
+            if self.shared.shedding() && now >= self.next_trim {
+                crate::sys::trim_malloc();
+                self.next_trim = now + SCAN_EVERY;
             }
         }
     }
@@ -194,7 +191,8 @@ impl Scanner {
     fn scan(&mut self, now: Instant, pressure: Option<u64>) {
         let conns = self.registry.snapshot();
         let mut resets = [0u64; 6];
-        let mut holders: Vec<(u64, &Arc<Conn>)> = Vec::with_capacity(conns.len());
+        // (inbound held, both directions held, connection)
+        let mut holders: Vec<(u64, u64, &Arc<Conn>)> = Vec::with_capacity(conns.len());
         let (mut total_in, mut total_out) = (0u64, 0u64);
         for conn in &conns {
             if conn.reset_reason().is_some() || conn.measure().is_err() {
@@ -238,45 +236,45 @@ impl Scanner {
             }
             total_in += held_in;
             total_out += held_out;
-            holders.push((held_in + held_out, conn));
+            holders.push((held_in, held_in + held_out, conn));
         }
         // Forget connections that are gone.
         if self.progress.len() > conns.len() {
             let live: std::collections::HashSet<u64> = conns.iter().map(|c| c.id).collect();
             self.progress.retain(|id, _| live.contains(id));
         }
-        let over_budget = (total_in + total_out).saturating_sub(self.limits.buffered_bytes);
-        // Under memory pressure free what can be freed: at least the share over the resume
-        // mark, and always something if anyone holds anything.
-        let to_free = match (pressure, self.limits.memory_limit) {
-            (Some(rss), Some(limit)) => {
-                over_budget.max(rss.saturating_sub(limit / 100 * RESUME_AT_PERCENT).max(1))
-            }
-            _ => over_budget,
-        };
-        if to_free > 0 {
-            let reason = if over_budget > 0 {
-                ResetReason::Budget
-            } else {
-                ResetReason::Memory
-            };
+        // Inbound over budget: reset the largest inbound holders until under it.
+        let mut over = total_in.saturating_sub(self.limits.buffered_bytes);
+        if over > 0 {
             holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-            let mut freed = 0;
-            for (held, conn) in holders {
-                if freed >= to_free || held == 0 {
+            for (held_in, _, conn) in &holders {
+                if over == 0 || *held_in == 0 {
                     break;
                 }
-                if conn.reset(reason) {
-                    resets[reason as usize] += 1;
-                    freed += held;
-                    total_in = total_in.saturating_sub(conn.held_in());
-                    total_out = total_out.saturating_sub(conn.held_out());
+                if conn.reset(ResetReason::Budget) {
+                    resets[ResetReason::Budget as usize] += 1;
+                    over = over.saturating_sub(*held_in);
+                    total_in = total_in.saturating_sub(*held_in);
                 }
             }
         }
-        self.shared.held_in.store(total_in, Ordering::Relaxed);
-        self.metrics
-            .set_buffered(total_in, self.shared.held_out.load(Ordering::Relaxed));
+        // Near the memory limit: free at least what lies above the resume mark, largest
+        // holders (either direction) first, and always something if anyone holds anything.
+        if let (Some(rss), Some(limit)) = (pressure, self.limits.memory_limit) {
+            let mut to_free = rss.saturating_sub(limit / 100 * RESUME_AT_PERCENT).max(1);
+            holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.1));
+            for (held_in, held, conn) in &holders {
+                if to_free == 0 || *held == 0 {
+                    break;
+                }
+                if conn.reset(ResetReason::Memory) {
+                    resets[ResetReason::Memory as usize] += 1;
+                    to_free = to_free.saturating_sub(*held);
+                    total_in = total_in.saturating_sub(*held_in);
+                }
+            }
+        }
+        self.metrics.set_buffered(total_in, total_out);
         self.report(&resets);
     }
 
@@ -352,6 +350,7 @@ mod tests {
             rss: None,
             scanned_rss: 0,
             next_scan: Instant::now(),
+            next_trim: Instant::now(),
         };
         assert!(!scanner.update_shedding(800));
         assert!(!scanner.shared.shedding());

@@ -366,6 +366,11 @@ fn front_sockets(
     socket
         .set_sndbuf(SOCKET_BUFFER_BYTES)
         .map_err(socket_error)?;
+    // Room in the accept queue for every allowed connection arriving at once (a client fleet
+    // restarting); libzmq's default of 100 makes the kernel drop the rest of a burst.
+    socket
+        .set_backlog(config.max_connections.clamp(100, 4096) as i32)
+        .map_err(socket_error)?;
     // Notice clients that vanished without a FIN (a node died) instead of holding their pipes.
     socket.set_tcp_keepalive(1).map_err(socket_error)?;
     socket.set_tcp_keepalive_idle(60).map_err(socket_error)?;

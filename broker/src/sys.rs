@@ -120,6 +120,61 @@ pub fn tune_malloc(mmap_threshold: usize, arenas: usize) {
     }
 }
 
+/// Aborts a TCP connection at once: `connect(AF_UNSPEC)` makes Linux reset it (RST to the
+/// peer, both queues purged), so libzmq's next read on its own descriptor fails and it drops
+/// the connection with everything it held. A `shutdown` is not enough: Linux keeps queueing
+/// what a peer still sends after SHUT_RD, and libzmq keeps reading it.
+pub fn abort_connection(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC is a valid argument of that size; the
+    // kernel reads only `len` bytes of it.
+    let rc = unsafe {
+        let mut addr: libc::sockaddr = std::mem::zeroed();
+        addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            fd.as_raw_fd(),
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Drops the data waiting in a TCP socket's receive queue without reading it (`MSG_TRUNC`,
+/// which the kernel honours for TCP by discarding instead of copying). Returns the bytes
+/// dropped.
+pub fn discard_input(fd: BorrowedFd<'_>) -> usize {
+    let mut dropped = 0;
+    loop {
+        // SAFETY: with MSG_TRUNC on a TCP socket the kernel discards up to `len` bytes and
+        // writes nothing to the buffer, so a null pointer is never dereferenced.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                1 << 20,
+                libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return dropped;
+        }
+        dropped += n as usize;
+    }
+}
+
+/// Returns the allocator's free memory to the OS now. After a burst (a flood of tiny frames
+/// freed at once), glibc keeps the freed chunks in its arenas and the resident size stays up;
+/// trimming them keeps the memory guard from seeing a pressure that is gone.
+pub fn trim_malloc() {
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,9 +209,33 @@ mod tests {
                 acked: 300
             }
         );
-        // Shutting the duplicate down ends the connection for its other descriptor too.
-        nix::sys::socket::shutdown(dup.as_raw_fd(), nix::sys::socket::Shutdown::Both)
-            .expect("shutdown");
-        assert_eq!(server.read(&mut buf).expect("read after shutdown"), 0);
+        // Waiting input can be dropped unread.
+        client.write_all(&[9u8; 5000]).expect("write");
+        let mut dropped = 0;
+        for _ in 0..100 {
+            dropped += discard_input(dup.as_fd());
+            if dropped >= 5000 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(dropped, 5000);
+        // Aborting through the duplicate resets the connection for its other descriptor and
+        // for the peer, even while the peer keeps sending.
+        client.write_all(&[9u8; 1000]).expect("write");
+        abort_connection(dup.as_fd()).expect("abort");
+        assert!(
+            matches!(server.read(&mut buf), Ok(0) | Err(_)),
+            "the server side is done"
+        );
+        let mut failed = false;
+        for _ in 0..100 {
+            if client.write_all(&[1u8; 1000]).is_err() {
+                failed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(failed, "the peer's writes fail after the reset");
     }
 }

@@ -10,93 +10,18 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::deploy::{production_pod, secs};
 use common::{free_port, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
-use serde::Deserialize;
 use serde_yaml::Value;
 use shared::protocol::Reply;
 use shared::ErrorCode;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn kubectl() -> PathBuf {
-    let venv = repo().join("target/tools/venv/bin/kubectl");
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("kubectl")
-    }
-}
-
-fn rendered_deployment(overlay: &str) -> Value {
-    let output = Command::new(kubectl())
-        .arg("kustomize")
-        .arg(repo().join("deploy/overlays").join(overlay))
-        .output()
-        .expect("kubectl runs (scripts/setup installs it)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).expect("utf8");
-    let deployment = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("yaml"))
-        .find(|doc| doc["kind"] == "Deployment")
-        .expect("a Deployment");
-    deployment
-}
-
-fn secs(value: &Value, default: u64) -> Duration {
-    Duration::from_secs(value.as_u64().unwrap_or(default))
-}
-
-/// Kubernetes CPU quantity in millicores ("2", "500m").
-fn millicores(quantity: &Value) -> u64 {
-    let text = match quantity {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        other => panic!("cpu quantity {other:?}"),
-    };
-    match text.strip_suffix('m') {
-        Some(m) => m.parse().expect("millicores"),
-        None => (text.parse::<f64>().expect("cores") * 1000.0) as u64,
-    }
-}
-
-/// Kubernetes memory quantity in bytes ("256Mi", "1Gi", "1000").
-fn bytes(quantity: &Value) -> u64 {
-    let text = match quantity {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        other => panic!("memory quantity {other:?}"),
-    };
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().expect("memory quantity number");
-    number
-        * match unit {
-            "" => 1,
-            "Ki" => 1 << 10,
-            "Mi" => 1 << 20,
-            "Gi" => 1 << 30,
-            "k" => 1000,
-            "M" => 1_000_000,
-            "G" => 1_000_000_000,
-            other => panic!("memory unit {other}"),
-        }
-}
 
 #[derive(Debug)]
 enum Action {
@@ -220,48 +145,11 @@ fn port_of(endpoint: &str) -> u16 {
 
 #[test]
 fn production_deployment_contract_holds_for_the_real_binary() {
-    let deployment = rendered_deployment("production");
-    let pod = &deployment["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
-    let grace = secs(&pod["terminationGracePeriodSeconds"], 30);
-
-    let ports: HashMap<String, u16> = container["ports"]
-        .as_sequence()
-        .expect("ports")
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().expect("named port").to_owned(),
-                p["containerPort"].as_u64().expect("port") as u16,
-            )
-        })
-        .collect();
-    let mut env: HashMap<String, String> = HashMap::new();
-    for var in container["env"].as_sequence().expect("env") {
-        let name = var["name"].as_str().expect("env name").to_owned();
-        let value = if let Some(v) = var.get("value") {
-            v.as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| serde_yaml::to_string(v).expect("value").trim().to_owned())
-        } else {
-            let field = &var["valueFrom"]["resourceFieldRef"];
-            let limits = &container["resources"]["limits"];
-            match field["resource"].as_str() {
-                Some("limits.cpu") => {
-                    let limit = millicores(&limits["cpu"]);
-                    let divisor = millicores(&field["divisor"]).max(1);
-                    // The kubelet rounds up, and never below 1.
-                    limit.div_ceil(divisor).max(1).to_string()
-                }
-                Some("limits.memory") => {
-                    let divisor = field.get("divisor").map_or(1, bytes).max(1);
-                    bytes(&limits["memory"]).div_ceil(divisor).to_string()
-                }
-                other => panic!("resourceFieldRef {other:?} is not one the test knows"),
-            }
-        };
-        env.insert(name, value);
-    }
+    let pod = production_pod();
+    let container = &pod.container;
+    let grace = pod.grace;
+    let ports = pod.ports;
+    let mut env = pod.env;
 
     // The ports the binary binds must be the ports the manifest declares and probes.
     let front = env.get("BROKER_FRONTEND").expect("BROKER_FRONTEND set");

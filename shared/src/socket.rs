@@ -21,6 +21,39 @@ pub fn recv_frames(socket: &Socket, flags: i32, frames: &mut Vec<Message>) -> zm
     }
 }
 
+/// Receives one message like [`recv_frames`], keeping at most `cap` frames: the rest are read
+/// and dropped one at a time, so a message of millions of frames costs no memory here.
+/// Returns how many frames the message had.
+pub fn recv_frames_capped(
+    socket: &Socket,
+    flags: i32,
+    frames: &mut Vec<Message>,
+    cap: usize,
+) -> zmq::Result<usize> {
+    frames.clear();
+    let mut total = 0;
+    let mut spare = Message::new();
+    loop {
+        let mut frame = if total < cap {
+            Message::new()
+        } else {
+            std::mem::replace(&mut spare, Message::new())
+        };
+        // Only the first frame can find nothing waiting: a message arrives whole.
+        retry_eintr(|| socket.recv(&mut frame, if total == 0 { flags } else { 0 }))?;
+        total += 1;
+        let more = frame.get_more();
+        if total <= cap {
+            frames.push(frame);
+        } else {
+            spare = frame;
+        }
+        if !more {
+            return Ok(total);
+        }
+    }
+}
+
 /// Sends `frames` as one message; `flags` are added to every frame.
 pub fn send_frames<I>(socket: &Socket, frames: I, flags: i32) -> zmq::Result<()>
 where

@@ -21,9 +21,9 @@ use shared::metrics::{DropReason, Recorder};
 use shared::protocol::internal::{self, ReplyHead, Ticket};
 use shared::protocol::{
     classify, echoes_envelope, encode_err, envelope_len, wire_size, RequestKind, FRAME_OVERHEAD,
-    STATUS_OK,
+    MAX_FRAMES, STATUS_OK,
 };
-use shared::socket::{recv_frames, retry_eintr, send_one};
+use shared::socket::{recv_frames, recv_frames_capped, retry_eintr, send_one};
 use shared::{ErrorCode, Metrics};
 use worker::{Activity, Job};
 use zmq::{Message, Socket};
@@ -343,7 +343,6 @@ impl Coordinator {
         self.conns.resync();
         self.metrics.set_connections(self.conns.open());
         self.metrics.set_inflight_bytes(self.inflight_bytes);
-        self.guard.set_held_out(self.conns.out_estimate());
     }
 
     /// Waits for input.
@@ -421,8 +420,14 @@ impl Coordinator {
         let mut frames = std::mem::take(&mut self.frames);
         let mut result = Ok(());
         for _ in 0..BATCH {
-            match recv_frames(&self.sockets.front, zmq::DONTWAIT, &mut frames) {
-                Ok(()) => self.on_request(&mut frames),
+            // One frame past the limit is kept: enough for classify to refuse the request.
+            match recv_frames_capped(
+                &self.sockets.front,
+                zmq::DONTWAIT,
+                &mut frames,
+                MAX_FRAMES + 1,
+            ) {
+                Ok(_) => self.on_request(&mut frames),
                 Err(zmq::Error::EAGAIN) => break,
                 Err(source) => {
                     result = Err(Error::Socket {
@@ -714,7 +719,7 @@ impl Coordinator {
         if held + wire > cap {
             return Some(DropReason::Hwm);
         }
-        let budget = (self.config.max_buffered_bytes as u64).saturating_sub(self.guard.held_in());
+        let budget = self.config.max_buffered_bytes as u64;
         if self.conns.out_estimate() + wire > budget {
             let now = Instant::now();
             if now >= self.last_measure_all + MEASURE_ALL_EVERY {

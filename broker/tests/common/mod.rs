@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod cgroup;
+pub mod deploy;
+pub mod zmtp;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -85,9 +89,30 @@ impl Broker {
     /// Starts the broker with exactly `args` and `env`; `front` and `admin` are the ports
     /// they make it listen on (for the helpers).
     pub fn spawn_exact(args: &[&str], env: &[(&str, &str)], front: u16, admin: u16) -> Broker {
+        Broker::spawn_in(args, env, front, admin, None)
+    }
+
+    /// As [`Broker::spawn_exact`], inside the cgroup whose `cgroup.procs` is `procs`: a shell
+    /// joins it and then becomes the broker, so every byte the broker ever uses is counted.
+    pub fn spawn_in(
+        args: &[&str],
+        env: &[(&str, &str)],
+        front: u16,
+        admin: u16,
+        procs: Option<&std::path::Path>,
+    ) -> Broker {
         let front = format!("tcp://127.0.0.1:{front}");
         let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("admin address");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
+        let mut command = match procs {
+            None => Command::new(env!("CARGO_BIN_EXE_broker")),
+            Some(procs) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "echo $$ > \"$1\" && shift && exec \"$0\" \"$@\""])
+                    .arg(env!("CARGO_BIN_EXE_broker"))
+                    .arg(procs);
+                sh
+            }
+        };
         command
             .args(args)
             .envs(env.iter().copied())
@@ -171,6 +196,11 @@ impl Broker {
 
     pub fn signal(&self, signal: Signal) {
         kill(self.pid(), signal).expect("signal the broker");
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
     }
 
     /// Waits for the process to exit, or fails after `timeout`.
