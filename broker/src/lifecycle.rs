@@ -134,7 +134,11 @@ impl Status {
     /// Live unless the coordinator stopped turning or every worker is stuck. One stuck worker
     /// among healthy ones is not a reason to restart (that would kill the others' requests).
     pub fn live(&self) -> Result<(), Unhealthy> {
-        let now = self.epoch.elapsed();
+        self.live_at(self.epoch.elapsed())
+    }
+
+    /// [`Status::live`] at `now` (time since this status was made).
+    fn live_at(&self, now: Duration) -> Result<(), Unhealthy> {
         let beat = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
         let since = now.saturating_sub(beat);
         if since > self.stuck_after {
@@ -168,12 +172,17 @@ mod tests {
 
     #[test]
     fn idle_broker_is_live_and_a_silent_coordinator_is_not() {
-        let status = Status::new(Duration::from_millis(20), Arc::new(Activity::new(2)));
-        status.heartbeat();
-        assert_eq!(status.live(), Ok(()));
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(matches!(status.live(), Err(Unhealthy::CoordinatorStuck(_))));
-        status.heartbeat();
-        assert_eq!(status.live(), Ok(()));
+        let status = Status::new(Duration::from_secs(30), Arc::new(Activity::new(2)));
+        let at = |ms: u64| status.heartbeat_ms.store(ms, Ordering::Relaxed);
+        let secs = Duration::from_secs;
+        at(1_000);
+        assert_eq!(status.live_at(secs(1)), Ok(()));
+        assert_eq!(status.live_at(secs(31)), Ok(()), "exactly the threshold");
+        assert_eq!(
+            status.live_at(secs(32)),
+            Err(Unhealthy::CoordinatorStuck(secs(31)))
+        );
+        at(32_000);
+        assert_eq!(status.live_at(secs(32)), Ok(()), "turning again");
     }
 }

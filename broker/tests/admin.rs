@@ -188,11 +188,11 @@ fn readiness_drops_at_sigterm_while_the_delay_still_serves() {
     let client = Client::dealer(&broker.front, true);
     broker.signal(Signal::SIGTERM);
     let sent = Instant::now();
-    eventually(
-        "/readyz 503 after SIGTERM",
-        Duration::from_millis(100),
-        || broker.http_get("/readyz").0 == 503,
-    );
+    // Well inside the kubelet's readiness period (2 s in the Deployment; the kubelet test
+    // checks that bound against the rendered manifest).
+    eventually("/readyz 503 after SIGTERM", Duration::from_secs(1), || {
+        broker.http_get("/readyz").0 == 503
+    });
     log_elapsed("readyz flipped after", sent.elapsed());
     // Still served while not ready, and the other endpoints keep answering.
     assert_eq!(ok(client.request(&[b"0"])), [b"0".to_vec()]);
@@ -364,4 +364,44 @@ fn probe_succeeds_against_a_busy_broker_and_fails_against_a_stopped_one() {
         "probe exits near its timeout, took {took:?}"
     );
     assert_eq!(probe(&["--http", &livez, "--timeout", "300ms"]).0, Some(1));
+}
+
+#[test]
+fn the_probe_names_lookup_failures_and_refuses_a_zero_timeout() {
+    let (code, text, _) = probe(&["--endpoint", "tcp://no-such-host.invalid:5555"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert!(
+        text.contains("cannot resolve no-such-host.invalid"),
+        "{text}"
+    );
+    let (code, text, _) = probe(&["--timeout", "0"]);
+    assert_eq!(code, Some(2), "{text}");
+    let (code, text, _) = probe(&["--timeout", "300000000000y"]);
+    assert_eq!(code, Some(2), "{text}");
+}
+
+#[test]
+fn idle_and_slow_admin_connections_cannot_starve_the_probes() {
+    let broker = Broker::start(&["--workers", "1"]);
+    // A port scanner's worth of idle connections, and slow clients trickling their headers.
+    let mut idle: Vec<std::net::TcpStream> = (0..600)
+        .filter_map(|_| std::net::TcpStream::connect(broker.admin).ok())
+        .collect();
+    assert!(idle.len() >= 500, "connections opened: {}", idle.len());
+    for stream in idle.iter_mut().take(100) {
+        let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: a");
+    }
+    // The kubelet's probes (1 s timeout, fresh connection each) are answered every time.
+    let readyz = format!("http://{}/readyz", broker.admin);
+    let livez = format!("http://{}/livez", broker.admin);
+    for round in 0..20 {
+        for url in [&readyz, &livez] {
+            let (code, text, _) = probe(&["--http", url, "--timeout", "1s"]);
+            assert_eq!(code, Some(0), "round {round}, {url}: {text}");
+        }
+        // More idle connections keep arriving.
+        idle.extend((0..20).filter_map(|_| std::net::TcpStream::connect(broker.admin).ok()));
+    }
+    assert_eq!(broker.http_get("/metrics").0, 200);
 }

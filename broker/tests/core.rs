@@ -185,25 +185,32 @@ fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
 fn requests_during_the_shutdown_delay_are_served() {
     let mut broker = Broker::start(&["--workers", "1", "--shutdown-delay", "1s"]);
     let client = Client::dealer(&broker.front, true);
+    // Taken before the signal is sent: the broker cannot have seen it earlier.
+    let signalled = Instant::now();
     broker.signal(Signal::SIGTERM);
     broker.wait_for_log("SIGTERM received", EVENT_TIMEOUT);
-    let delay_started = Instant::now();
     let mut served = 0;
-    // Requests inside the delay are served normally (not ERR draining).
-    while delay_started.elapsed() < Duration::from_millis(700) {
-        assert_eq!(
-            ok(client.request(&[b"during-delay"])),
-            [b"during-delay".to_vec()]
-        );
-        served += 1;
+    // Requests inside the delay are served normally (not ERR draining), until the broker
+    // says it is draining.
+    loop {
+        match client.request(&[b"during-delay"]) {
+            Reply::Ok(frames) => {
+                assert_eq!(frames, [b"during-delay".to_vec()]);
+                served += 1;
+            }
+            Reply::Err {
+                code: ErrorCode::Draining,
+                ..
+            } => break,
+            other => panic!("unexpected reply {other:?}"),
+        }
     }
     assert!(served > 0, "no request served during the delay");
-    // With nothing in flight, the drain ends as soon as the delay does, not before.
-    assert!(broker.wait_exit(EVENT_TIMEOUT).success());
     assert!(
-        delay_started.elapsed() >= Duration::from_millis(900),
-        "exited inside the delay"
+        signalled.elapsed() >= Duration::from_secs(1),
+        "drained inside the delay"
     );
+    assert!(broker.wait_exit(EVENT_TIMEOUT).success());
 }
 
 #[test]
@@ -401,32 +408,90 @@ fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
     assert_eq!(ok(fresh.request(&[b"new"])), [b"new".to_vec()]);
 }
 
-fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+/// Runs the broker to its exit: (exit code, stderr and log together, the log alone).
+fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut broker = Broker::spawn(args, env);
     let status = broker.wait_exit(EVENT_TIMEOUT);
-    // Let the stderr reader finish.
-    common::eventually("stderr collected", EVENT_TIMEOUT, || {
+    // Let the output readers finish.
+    common::eventually("output collected", EVENT_TIMEOUT, || {
         !broker.stderr_text().is_empty() || !broker.log_text().is_empty()
     });
     (
         status.code(),
         format!("{}{}", broker.stderr_text(), broker.log_text()),
+        broker.log_text(),
     )
 }
 
 #[test]
-fn bad_flags_exit_2_with_one_line() {
-    for (args, env, needle) in [
-        (&["--workers", "many"][..], &[][..], "--workers"),
-        (&["--log-format", "xml"][..], &[][..], "--log-format"),
-        (&["--drain-timeout", "soon"][..], &[][..], "--drain-timeout"),
-        (&["--drain-timeout", "0s"][..], &[][..], "--drain-timeout"),
-        (&["--frontend", "nonsense"][..], &[][..], "--frontend"),
-        (&["--no-such-flag"][..], &[][..], "--no-such-flag"),
-        (&[][..], &[("BROKER_WORKERS", "0")][..], "--workers"),
-    ] {
-        let (code, output) = run_to_exit(args, env);
-        assert_eq!(code, Some(2), "{args:?}: {output}");
+fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
+    /// Flags, environment, and the flag the one-line error must name.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (&["--workers", "many"], &[], "--workers"),
+        (&["--log-format", "xml"], &[], "--log-format"),
+        (&["--log-level", "loud"], &[], "--log-level"),
+        (&["--drain-timeout", "soon"], &[], "--drain-timeout"),
+        (&["--drain-timeout", "0s"], &[], "--drain-timeout"),
+        (&["--no-such-flag"], &[], "--no-such-flag"),
+        (&[], &[("BROKER_WORKERS", "0")], "--workers"),
+        // Timers that would overflow a clock (these used to panic on SIGTERM).
+        (
+            &["--drain-timeout", "300000000000y"],
+            &[],
+            "--drain-timeout",
+        ),
+        (
+            &["--shutdown-delay", "300000000000y"],
+            &[],
+            "--shutdown-delay",
+        ),
+        (
+            &["--drain-timeout", "18446744073709551615s"],
+            &[],
+            "--drain-timeout",
+        ),
+        (&["--stall-timeout", "2h"], &[], "--stall-timeout"),
+        (&["--stuck-after", "25h"], &[], "--stuck-after"),
+        // Counts beyond what memory, libzmq or the kernel allow (these used to abort).
+        (
+            &["--max-inflight", "18446744073709551615"],
+            &[],
+            "--max-inflight",
+        ),
+        (&["--max-inflight", "100000000000"], &[], "--max-inflight"),
+        (&["--workers", "288230376151711744"], &[], "--workers"),
+        (&["--workers", "1100"], &[], "--workers"),
+        (&["--max-connections", "0"], &[], "--max-connections"),
+        // Endpoints that bind somewhere else, or nowhere a client can reach.
+        (&["--frontend", "nonsense"], &[], "--frontend"),
+        (&["--frontend", "tcp://127.0.0.1:99999"], &[], "--frontend"),
+        (&["--frontend", "tcp://127.0.0.1"], &[], "--frontend"),
+        (&["--frontend", "tcp://localhost:5555"], &[], "--frontend"),
+        (&["--frontend", "inproc://broker"], &[], "--frontend"),
+        // Sizes that cannot work together.
+        (&["--max-message-bytes", "0"], &[], "--max-message-bytes"),
+        (&["--max-message-bytes", "1TiB"], &[], "--max-message-bytes"),
+        (
+            &["--max-connection-bytes", "1KiB"],
+            &[],
+            "--max-connection-bytes",
+        ),
+        (
+            &["--max-buffered-bytes", "1MiB"],
+            &[],
+            "--max-buffered-bytes",
+        ),
+        (
+            &[],
+            &[("BROKER_MAX_INFLIGHT_BYTES", "1")],
+            "--max-inflight-bytes",
+        ),
+        (&["--memory-limit", "lots"], &[], "--memory-limit"),
+    ];
+    for (args, env, needle) in cases {
+        let (code, output, log) = run_to_exit(args, env);
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {output}");
         assert_eq!(
             output.trim().lines().count(),
             1,
@@ -436,14 +501,121 @@ fn bad_flags_exit_2_with_one_line() {
             output.contains(needle),
             "{args:?}: {output:?} names {needle}"
         );
+        // Logging starts only after the configuration is valid, and everything that binds
+        // after logging: an empty log means nothing was bound or started.
+        assert!(log.is_empty(), "{args:?}: the broker started: {log}");
     }
+}
+
+#[test]
+fn more_connections_than_file_descriptors_allow_exit_2() {
+    // 600 connections need 1,200 descriptors and more; the hard limit here is 512.
+    let output = std::process::Command::new("prlimit")
+        .args(["--nofile=512:512", env!("CARGO_BIN_EXE_broker")])
+        .args(["--max-connections", "600", "--admin", "127.0.0.1:1"])
+        .output()
+        .expect("prlimit (util-linux) runs the broker");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--max-connections") && stderr.contains("512"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "nothing started");
+}
+
+#[test]
+fn the_extremes_of_every_accepted_range_work() {
+    // The smallest message limit: clients still connect (the handshake has its own room),
+    // a one-byte body is served and a two-byte one refused.
+    let tiny = Broker::start(&["--workers", "1", "--max-message-bytes", "1"]);
+    let client = Client::dealer(&tiny.front, true);
+    assert_eq!(ok(client.request(&[b"x"])), [b"x".to_vec()]);
+    assert_eq!(
+        err_code(&client.request(&[b"xy"])),
+        Some(ErrorCode::TooLarge)
+    );
+    // The largest pool, and the largest in-flight table, which costs nothing until used.
+    let big = Broker::start(&["--workers", "1000", "--max-inflight", "1000000"]);
+    let client = Client::req(&big.front);
+    assert_eq!(ok(client.request(&[b"many"])), [b"many".to_vec()]);
+    let rss = common::metric(&big, "process_resident_memory_bytes");
+    assert!(
+        rss < 128.0 * 1048576.0,
+        "1000 workers and a 1M table: {rss} bytes"
+    );
+    // Log levels in any case, from the flag or the environment.
+    let _upper = Broker::start(&["--log-level", "INFO", "--log-format", "JSON"]);
+    let mut quiet = Broker::spawn(&[], &[("BROKER_LOG_LEVEL", "WARN")]);
+    let client = Client::req(&quiet.front);
+    assert_eq!(ok(client.request(&[b"up"])), [b"up".to_vec()]);
+    quiet.signal(Signal::SIGTERM);
+    assert!(quiet.wait_exit(EVENT_TIMEOUT).success());
+    assert!(
+        !quiet.log_text().contains("INFO"),
+        "WARN hides info lines: {}",
+        quiet.log_text()
+    );
+    // The longest timers: a drain with nothing in flight still ends at once, and a second
+    // signal during an hour-long shutdown delay exits now.
+    let mut long = Broker::start(&["--drain-timeout", "1h", "--stall-timeout", "1h"]);
+    long.signal(Signal::SIGTERM);
+    assert!(long.wait_exit(EVENT_TIMEOUT).success());
+    let mut delayed = Broker::start(&["--shutdown-delay", "1h", "--stuck-after", "24h"]);
+    delayed.signal(Signal::SIGTERM);
+    delayed.wait_for_log("SIGTERM received", EVENT_TIMEOUT);
+    delayed.signal(Signal::SIGTERM);
+    assert_eq!(
+        delayed.wait_exit(EVENT_TIMEOUT).code(),
+        Some(128 + Signal::SIGTERM as i32)
+    );
+}
+
+#[test]
+fn stray_signals_are_logged_and_ignored_and_sigquit_drains() {
+    let mut broker = Broker::start(&["--workers", "1"]);
+    let client = Client::req(&broker.front);
+    for signal in [
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGTSTP,
+        Signal::SIGVTALRM,
+        Signal::SIGPROF,
+        Signal::SIGXCPU,
+    ] {
+        broker.signal(signal);
+        broker.wait_for_log(
+            &format!("{} received and ignored", signal.as_str()),
+            EVENT_TIMEOUT,
+        );
+        assert_eq!(
+            ok(client.request(&[b"still"])),
+            [b"still".to_vec()],
+            "{signal}"
+        );
+    }
+    // A real-time signal, which no name covers.
+    let status = std::process::Command::new("kill")
+        .args(["-s", "RTMIN+3", &broker.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    broker.wait_for_log("received and ignored", EVENT_TIMEOUT);
+    assert_eq!(ok(client.request(&[b"alive"])), [b"alive".to_vec()]);
+    // SIGQUIT stops the broker the way SIGTERM does.
+    broker.signal(Signal::SIGQUIT);
+    assert!(broker.wait_exit(EVENT_TIMEOUT).success());
+    broker.wait_for_log("SIGQUIT received", EVENT_TIMEOUT);
+    common::assert_all_answered(&broker);
 }
 
 #[test]
 fn port_in_use_is_fatal_with_exit_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let endpoint = format!("tcp://{}", taken.local_addr().expect("addr"));
-    let (code, output) = run_to_exit(&["--frontend", &endpoint], &[]);
+    let (code, output, _) = run_to_exit(&["--frontend", &endpoint], &[]);
     assert_eq!(code, Some(1), "{output}");
     assert!(
         output.contains("cannot bind") && output.contains("ERROR"),
