@@ -1,12 +1,12 @@
 //! Micro-benches of the per-request code on the coordinator's path: envelope parsing and
-//! checks, ticket encoding, and the metric updates one request costs.
+//! checks, wire-size accounting, the in-flight table, and the metric updates one request costs.
 
 use std::hint::black_box;
 use std::time::Duration;
 
+use broker::coordinator::inflight::Slab;
 use criterion::{criterion_group, criterion_main, Criterion};
-use shared::protocol::internal::Ticket;
-use shared::protocol::{classify, envelope_len};
+use shared::protocol::{classify, envelope_len, wire_size};
 use shared::{ErrorCode, Metrics};
 use zmq::Message;
 
@@ -22,12 +22,22 @@ fn parsing(c: &mut Criterion) {
             black_box(classify(&frames[..n], &frames[n..], 1 << 20))
         })
     });
-    c.bench_function("ticket_round_trip", |b| {
-        let ticket = Ticket {
-            slot: 17,
-            generation: 3,
-        };
-        b.iter(|| Ticket::from_bytes(&black_box(ticket).to_bytes()))
+    c.bench_function("wire_size_of_a_request", |b| {
+        b.iter(|| {
+            black_box(&frames)
+                .iter()
+                .map(|f| wire_size(f.len()))
+                .sum::<usize>()
+        })
+    });
+    c.bench_function("inflight_insert_remove", |b| {
+        let mut slab = Slab::new(4096);
+        b.iter(|| {
+            let ticket = slab
+                .insert(black_box(7u64))
+                .unwrap_or_else(|_| unreachable!());
+            black_box(slab.remove(ticket))
+        })
     });
 }
 

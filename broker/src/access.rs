@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use shared::socket::{recv_frames, send_frames};
+use shared::socket::{send_frames, try_recv_frames};
 use shared::Metrics;
 use zmq::Message;
 
@@ -85,9 +85,9 @@ impl ZapHandler {
     /// Answers every pending ZAP request.
     pub fn handle_pending(&mut self) {
         loop {
-            match recv_frames(&self.socket, zmq::DONTWAIT, &mut self.frames) {
-                Ok(()) => {}
-                Err(zmq::Error::EAGAIN) => return,
+            match try_recv_frames(&self.socket, &mut self.frames, 16) {
+                Ok(true) => {}
+                Ok(false) => return,
                 Err(e) => {
                     log::error!("ZAP handler: receive failed: {e}");
                     return;

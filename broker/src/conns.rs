@@ -484,10 +484,9 @@ mod tests {
         let (s2, _) = l1.accept().expect("accept");
         assert_eq!(table.accepted(s2.as_raw_fd()), Accepted::Refused);
         let mut buf = [0u8; 1];
-        assert_eq!(
-            c2.read(&mut buf).expect("EOF"),
-            0,
-            "refused peer sees the close"
+        assert!(
+            matches!(c2.read(&mut buf), Ok(0) | Err(_)),
+            "the refused peer sees its connection end (reset)"
         );
         assert_eq!(registry.len(), 1);
         // A socket on another port (a reused fd number) is not a front connection.

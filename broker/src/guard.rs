@@ -328,7 +328,7 @@ mod tests {
     fn resident_memory_is_read_and_grows_with_use() {
         let rss = Rss::open().expect("statm");
         let before = rss.read().expect("read");
-        let block = vec![1u8; 64 << 20];
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
         let after = rss.read().expect("read");
         assert!(after >= before + (60 << 20), "{before} -> {after}");
         drop(block);

@@ -26,8 +26,6 @@ pub use signals::Signals;
 
 /// The version exported in `broker_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The coordinator's end of the worker link.
-const BACKEND: &str = "inproc://broker-workers";
 /// SO_RCVBUF and SO_SNDBUF of each front connection (the kernel doubles them for its own
 /// bookkeeping): enough for full speed on loopback and in a cluster, small enough that the
 /// kernel never holds much on the broker's behalf.
@@ -66,8 +64,8 @@ pub enum Error {
     /// The access-control handler could not start.
     #[error(transparent)]
     Access(#[from] access::Error),
-    /// The guard thread could not start.
-    #[error("cannot start the guard thread: {0}")]
+    /// The guard thread, or the workers' eventfd, could not be set up.
+    #[error("cannot start the guard thread or the workers' waker: {0}")]
     Guard(std::io::Error),
     /// The coordinator failed.
     #[error(transparent)]
@@ -250,33 +248,29 @@ impl Broker {
         .map_err(Error::Guard)?;
         let admin = admin::Admin::spawn(config.admin, Arc::clone(&status), Arc::clone(&metrics))?;
 
-        let backend_ctx = zmq::Context::new();
-        let backend = backend_ctx
-            .socket(zmq::ROUTER)
-            .and_then(|s| s.set_router_mandatory(true).map(|()| s))
-            .and_then(|s| s.set_linger(0).map(|()| s))
-            .map_err(|source| Error::Socket {
-                what: "backend",
-                source,
-            })?;
-        backend.bind(BACKEND).map_err(|source| Error::Bind {
-            endpoint: BACKEND.into(),
-            source,
-        })?;
-        // Unbounded in type, bounded in use: the in-flight table is checked before anything
-        // is queued. A bounded channel would allocate --max-inflight slots up front.
-        let (overflow, overflow_rx) = crossbeam_channel::unbounded();
+        // Requests go to the workers, and outcomes come back, over channels: the first free
+        // worker takes the next request. Unbounded in type, bounded in use: the in-flight
+        // table is checked before anything is queued (a bounded channel would allocate
+        // --max-inflight slots up front).
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded();
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let waker = Arc::new(worker::Waker::new().map_err(Error::Guard)?);
         let pool = Pool {
-            endpoint: BACKEND.into(),
-            queue: overflow_rx.clone(),
+            jobs: jobs_rx.clone(),
+            events: events_tx,
+            waker: Arc::clone(&waker),
             metrics: Arc::clone(&metrics),
             activity: Arc::clone(&activity),
             max_reply_bytes: config.max_reply_bytes,
         };
+        // This thread becomes the coordinator; the workers inherit the policy from it. libzmq's
+        // I/O thread, the guard and the admin thread already run and keep the default one.
+        if let Err(e) = sys::batch_scheduling() {
+            log::debug!("SCHED_BATCH refused ({e}): running with the default policy");
+        }
         let mut handles = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
             handles.push(Worker::spawn(
-                &backend_ctx,
                 &pool,
                 index as u32,
                 self.make_handler.make(index),
@@ -303,14 +297,15 @@ impl Broker {
             coordinator::Sockets {
                 front,
                 monitor,
-                backend,
                 zap,
                 signals,
             },
             coordinator::Workers {
                 handles,
-                overflow,
-                overflow_rx,
+                jobs,
+                jobs_back: jobs_rx,
+                events,
+                waker,
                 activity,
             },
             conns,

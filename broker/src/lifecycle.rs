@@ -117,10 +117,12 @@ impl Status {
         self.state() == State::Serving
     }
 
-    /// Called by the coordinator every time its loop turns.
-    pub fn heartbeat(&self) {
-        self.heartbeat_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    /// Called by the coordinator every time its loop turns, with the time it read.
+    pub fn heartbeat_at(&self, now: Instant) {
+        self.heartbeat_ms.store(
+            now.saturating_duration_since(self.epoch).as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Workers on their current request for longer than `--stuck-after`.

@@ -165,6 +165,62 @@ pub fn discard_input(fd: BorrowedFd<'_>) -> usize {
     }
 }
 
+/// Waits until one of `fds` is readable or `timeout_ms` passes (-1: no limit). `fds` holds
+/// (descriptor, readable) pairs; the flags are set on return. The descriptors are libzmq's
+/// notification fds and the broker's own, polled as raw numbers: `zmq_poll` would also query
+/// every ZeroMQ socket's events before and after waiting, several syscalls each time.
+pub fn poll_readable(fds: &mut [(RawFd, bool)], timeout_ms: i32) -> io::Result<()> {
+    const MAX: usize = 8;
+    // A negative descriptor is skipped by poll.
+    let mut pollfds = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; MAX];
+    let n = fds.len().min(MAX);
+    for (p, &(fd, _)) in pollfds.iter_mut().zip(fds.iter()) {
+        p.fd = fd;
+    }
+    let pollfds = &mut pollfds[..n];
+    loop {
+        // SAFETY: `pollfds` is a valid array of `len` pollfd structs; poll on a descriptor
+        // that is not open only reports POLLNVAL for it.
+        let rc = unsafe {
+            libc::poll(
+                pollfds.as_mut_ptr(),
+                pollfds.len() as libc::nfds_t,
+                timeout_ms,
+            )
+        };
+        if rc >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    for (slot, p) in fds.iter_mut().zip(pollfds.iter()) {
+        slot.1 = p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+    }
+    Ok(())
+}
+
+/// Puts the calling thread under SCHED_BATCH: a batch thread that wakes up does not preempt
+/// the thread running on its CPU. When the coordinator and the workers share a busy CPU with
+/// libzmq's I/O thread, the I/O thread then finishes the burst it is reading before they run,
+/// and each of them takes a batch per wake-up instead of a message. On an idle CPU a woken
+/// thread runs at once, as before. Unprivileged; failure only loses the batching.
+pub fn batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Returns the allocator's free memory to the OS now. After a burst (a flood of tiny frames
 /// freed at once), glibc keeps the freed chunks in its arenas and the resident size stays up;
 /// trimming them keeps the memory guard from seeing a pressure that is gone.

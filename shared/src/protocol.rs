@@ -1,6 +1,5 @@
 //! The wire protocol: how a request and its reply are framed on the front socket (the zguide's
-//! reply envelope), the reserved health request, the one reply encoder and its decoder, and the
-//! small internal protocol between the coordinator and its workers. `docs/protocol.md` is the
+//! reply envelope), the reserved health request, and the one reply encoder and its decoder. `docs/protocol.md` is the
 //! prose version of this module; keep them in step.
 
 use std::fmt;
@@ -215,96 +214,8 @@ pub fn parse_reply<T: Deref<Target = [u8]>>(mut body: Vec<T>) -> Result<Reply<T>
     }
 }
 
-/// The internal protocol on the inproc link between the coordinator (a ROUTER) and each worker
-/// (a DEALER whose routing id is [`internal::worker_id`]).
-///
-/// - worker -> coordinator `[READY]` once connected; the worker is then idle.
-/// - coordinator -> worker `[ticket, body...]`: a request to run.
-/// - worker -> coordinator `[head, OK|ERR, ...]`: a reply body; `head` is the ticket and
-///   whether the worker is idle now (it found the shared queue empty), so at low load a request
-///   costs one message each way (the zguide's load-balancing pattern).
-/// - coordinator -> worker `[STOP]`: leave the loop and close the socket.
-pub mod internal {
-    /// Sent by a worker once, when it is connected and idle.
-    pub const READY: &[u8] = b"READY";
-    /// Sent by the coordinator to an idle worker to make it exit.
-    pub const STOP: &[u8] = b"STOP";
-
-    /// The routing id of worker `index` on the inproc link.
-    pub fn worker_id(index: u32) -> [u8; 5] {
-        let [a, b, c, d] = index.to_be_bytes();
-        [b'w', a, b, c, d]
-    }
-
-    /// The inverse of [`worker_id`].
-    pub fn parse_worker_id(id: &[u8]) -> Option<u32> {
-        match id {
-            [b'w', a, b, c, d] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
-            _ => None,
-        }
-    }
-
-    /// Names one in-flight request: a slot in the coordinator's table and that slot's
-    /// generation, so a late reply for a slot since reused is recognised and dropped.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Ticket {
-        /// Index into the in-flight table.
-        pub slot: u32,
-        /// Bumped every time the slot is reused.
-        pub generation: u32,
-    }
-
-    impl Ticket {
-        /// The ticket frame.
-        pub fn to_bytes(self) -> [u8; 8] {
-            (u64::from(self.generation) << 32 | u64::from(self.slot)).to_le_bytes()
-        }
-
-        /// Parses a ticket frame.
-        pub fn from_bytes(bytes: &[u8]) -> Option<Ticket> {
-            let raw = u64::from_le_bytes(bytes.try_into().ok()?);
-            Some(Ticket {
-                slot: raw as u32,
-                generation: (raw >> 32) as u32,
-            })
-        }
-    }
-
-    /// The first frame of a worker's reply: the request's ticket and whether the worker is
-    /// idle after it.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct ReplyHead {
-        /// The request answered.
-        pub ticket: Ticket,
-        /// True when the worker found no queued request and now waits for the coordinator.
-        pub idle: bool,
-    }
-
-    impl ReplyHead {
-        /// The head frame: the ticket, then 1 (idle) or 0 (took the next queued request).
-        pub fn to_bytes(self) -> [u8; 9] {
-            let mut out = [0u8; 9];
-            out[..8].copy_from_slice(&self.ticket.to_bytes());
-            out[8] = u8::from(self.idle);
-            out
-        }
-
-        /// Parses a head frame.
-        pub fn from_bytes(bytes: &[u8]) -> Option<ReplyHead> {
-            match bytes {
-                [ticket @ .., flag @ (0 | 1)] => Some(ReplyHead {
-                    ticket: Ticket::from_bytes(ticket)?,
-                    idle: *flag == 1,
-                }),
-                _ => None,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::internal::{parse_worker_id, worker_id, ReplyHead, Ticket};
     use super::*;
 
     #[test]
@@ -400,23 +311,5 @@ mod tests {
         assert_eq!(wire_size(0), 2);
         assert_eq!(wire_size(255), 257);
         assert_eq!(wire_size(256), 265);
-    }
-
-    #[test]
-    fn internal_frames_round_trip() {
-        let ticket = Ticket {
-            slot: 7,
-            generation: u32::MAX,
-        };
-        assert_eq!(Ticket::from_bytes(&ticket.to_bytes()), Some(ticket));
-        assert_eq!(Ticket::from_bytes(b"short"), None);
-        for idle in [true, false] {
-            let head = ReplyHead { ticket, idle };
-            assert_eq!(ReplyHead::from_bytes(&head.to_bytes()), Some(head));
-        }
-        assert_eq!(ReplyHead::from_bytes(&ticket.to_bytes()), None);
-        assert_eq!(ReplyHead::from_bytes(b"123456789"), None);
-        assert_eq!(parse_worker_id(&worker_id(513)), Some(513));
-        assert_eq!(parse_worker_id(b"READY"), None);
     }
 }

@@ -54,6 +54,33 @@ pub fn recv_frames_capped(
     }
 }
 
+/// Receives the next message into `frames` (at most `cap` kept, see [`recv_frames_capped`])
+/// without blocking; `Ok(false)` when nothing waits.
+///
+/// A non-blocking receive processes the socket's pending commands only every millisecond or
+/// so, so a message whose arrival is announced by a command can look absent. Before saying
+/// nothing waits, this asks the socket (`ZMQ_EVENTS`, which processes them). After `Ok(false)`
+/// the socket's `ZMQ_FD` becomes readable when something arrives, so a caller can poll it.
+pub fn try_recv_frames(
+    socket: &Socket,
+    frames: &mut Vec<Message>,
+    cap: usize,
+) -> zmq::Result<bool> {
+    match recv_frames_capped(socket, zmq::DONTWAIT, frames, cap) {
+        Ok(_) => return Ok(true),
+        Err(zmq::Error::EAGAIN) => {}
+        Err(e) => return Err(e),
+    }
+    if !socket.get_events()?.contains(zmq::POLLIN) {
+        return Ok(false);
+    }
+    match recv_frames_capped(socket, zmq::DONTWAIT, frames, cap) {
+        Ok(_) => Ok(true),
+        Err(zmq::Error::EAGAIN) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sends `frames` as one message; `flags` are added to every frame.
 pub fn send_frames<I>(socket: &Socket, frames: I, flags: i32) -> zmq::Result<()>
 where

@@ -1,12 +1,12 @@
 //! The worker side of the broker: the [`Handler`] trait where a user's code plugs in, the
-//! built-in handlers, and the worker threads that run them on the coordinator's inproc link.
+//! built-in handlers, and the worker threads that run them, fed and answered over channels.
 
 pub mod handlers;
 pub mod pool;
 
 use std::fmt;
 
-pub use pool::{Activity, Error, Job, Pool, Worker};
+pub use pool::{Activity, Error, Event, Job, Pool, Ticket, Waker, Worker};
 pub use shared::ErrorCode;
 
 /// One frame of a request or reply body. A `zmq::Message` so an echo moves bytes without

@@ -1,38 +1,27 @@
-//! Worker threads. Each owns a DEALER socket on the coordinator's inproc ROUTER, announces
-//! itself with `READY`, then runs one request at a time until it reads `STOP` or its context
-//! is terminated. A request comes from the coordinator (the worker was idle) or from the shared
-//! queue (the worker had just finished one); each reply says whether the worker is idle now.
+//! Worker threads. Each takes requests from the job channel the coordinator fills, one at a
+//! time and only when it is free (so nothing waits behind a slow request while another worker
+//! idles), runs its handler, and returns the outcome on the event channel, waking the
+//! coordinator if it sleeps. A worker stops when the job channel is closed and empty.
 
 use std::any::Any;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use shared::metrics::Recorder;
-use shared::protocol::internal::{self, ReplyHead, Ticket};
-use shared::protocol::{encode_err, encode_ok, MAX_FRAMES};
-use shared::socket::{recv_frames, send_frames, send_one};
+use shared::protocol::MAX_FRAMES;
 use shared::Metrics;
-use zmq::Message;
 
 use crate::{Frame, Handler, HandlerError};
 
 /// Starting a worker failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The worker's socket could not be created or connected.
-    #[error("worker {index}: cannot connect to {endpoint}: {source}")]
-    Connect {
-        /// Worker index.
-        index: u32,
-        /// The coordinator's inproc endpoint.
-        endpoint: String,
-        /// What libzmq said.
-        source: zmq::Error,
-    },
     /// The OS refused a thread.
     #[error("worker {index}: cannot spawn thread: {source}")]
     Spawn {
@@ -102,26 +91,105 @@ impl Activity {
     }
 }
 
-/// A request waiting in the shared queue. The coordinator queues a request there only while
-/// no worker is free; a worker that finishes one takes the next from here itself.
+/// Names one in-flight request: a slot in the coordinator's table and that slot's generation,
+/// so an outcome that arrives after its request timed out (and the slot was reused) is
+/// recognised and dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    /// Index into the in-flight table.
+    pub slot: u32,
+    /// Bumped every time the slot is reused.
+    pub generation: u32,
+}
+
+/// A request for a worker: the coordinator's ticket for it, when it was read, and its body.
 #[derive(Debug)]
 pub struct Job {
     /// Names the request in the coordinator's table.
-    pub ticket: internal::Ticket,
+    pub ticket: Ticket,
     /// When the coordinator read it (for the queue-wait metric).
     pub received: Instant,
     /// The request body.
     pub body: Vec<Frame>,
 }
 
-/// What every worker of a pool shares: where the coordinator is, the shared queue, the
-/// metrics and activity board, and the reply size limit.
+/// What a worker tells the coordinator.
+#[derive(Debug)]
+pub enum Event {
+    /// Worker `index` is running and takes jobs.
+    Started(u32),
+    /// Worker `index` found the job channel closed and is leaving.
+    Stopped(u32),
+    /// A request's outcome: the handler's reply frames, or its refusal.
+    Done {
+        /// The request.
+        ticket: Ticket,
+        /// Reply frames (after the `OK` status), or the `ERR` code and message.
+        result: Result<Vec<Frame>, HandlerError>,
+    },
+}
+
+/// Wakes the coordinator from its poll when an event arrives while it sleeps: an eventfd in
+/// its poll set, written only when it has said it is about to sleep, so a busy broker pays
+/// no syscall per reply.
+#[derive(Debug)]
+pub struct Waker {
+    sleeping: AtomicBool,
+    fd: EventFd,
+}
+
+impl Waker {
+    /// A waker with its eventfd.
+    pub fn new() -> std::io::Result<Waker> {
+        Ok(Waker {
+            sleeping: AtomicBool::new(false),
+            fd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
+        })
+    }
+
+    /// Coordinator: about to block. The caller must then look at its event channel once more
+    /// and call [`Waker::awake`] instead of blocking if anything is there; an event sent after
+    /// that look writes the eventfd.
+    pub fn sleeping(&self) {
+        self.sleeping.store(true, Ordering::SeqCst);
+        // The channel check that follows must not be ordered before this store.
+        fence(Ordering::SeqCst);
+    }
+
+    /// Coordinator: awake again (after its poll, or instead of it). `signaled`: the poll
+    /// found the eventfd readable, so it is cleared (read) for the next sleep.
+    pub fn awake(&self, signaled: bool) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        if signaled {
+            let _ = self.fd.read();
+        }
+    }
+
+    /// Worker: an event was just sent; wake the coordinator if it sleeps.
+    pub fn notify(&self) {
+        // Orders the event's send before the flag is read (pairs with the fence in `sleeping`).
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+            let _ = self.fd.write(1);
+        }
+    }
+}
+
+impl AsRawFd for Waker {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_fd().as_raw_fd()
+    }
+}
+
+/// What every worker of a pool shares.
 #[derive(Clone)]
 pub struct Pool {
-    /// The coordinator's inproc endpoint, bound in the context passed to [`Worker::spawn`].
-    pub endpoint: String,
-    /// Requests queued while no worker was idle.
-    pub queue: Receiver<Job>,
+    /// Requests to run; closing the sender stops the workers once it is empty.
+    pub jobs: Receiver<Job>,
+    /// Where outcomes go.
+    pub events: Sender<Event>,
+    /// Wakes the coordinator.
+    pub waker: Arc<Waker>,
     /// The broker's metrics.
     pub metrics: Arc<Metrics>,
     /// What each worker is doing.
@@ -133,172 +201,99 @@ pub struct Pool {
 /// A running worker thread, owned (and joined) by the coordinator.
 #[derive(Debug)]
 pub struct Worker {
-    /// Index in the pool, also its routing id on the inproc link.
+    /// Index in the pool.
     pub index: u32,
-    /// The thread; joining it after `STOP` returns promptly.
+    /// The thread; it ends once the job channel is closed and empty.
     pub thread: JoinHandle<()>,
 }
 
 impl Worker {
-    /// Connects a DEALER to the coordinator at `pool.endpoint` (an inproc endpoint already
-    /// bound in `ctx`) and starts the worker thread `worker-<index>` running `handler`.
-    pub fn spawn(
-        ctx: &zmq::Context,
-        pool: &Pool,
-        index: u32,
-        handler: Box<dyn Handler>,
-    ) -> Result<Worker, Error> {
-        let connect_error = |source| Error::Connect {
-            index,
-            endpoint: pool.endpoint.clone(),
-            source,
-        };
-        let socket = ctx.socket(zmq::DEALER).map_err(connect_error)?;
-        socket
-            .set_identity(&internal::worker_id(index))
-            .map_err(connect_error)?;
-        socket.set_linger(0).map_err(connect_error)?;
-        socket.connect(&pool.endpoint).map_err(connect_error)?;
+    /// Starts the worker thread `worker-<index>` running `handler`.
+    pub fn spawn(pool: &Pool, index: u32, handler: Box<dyn Handler>) -> Result<Worker, Error> {
         let pool = pool.clone();
         let thread = thread::Builder::new()
             .name(format!("worker-{index}"))
-            .spawn(move || run(socket, index as usize, handler, pool))
+            .spawn(move || run(index, handler, pool))
             .map_err(|source| Error::Spawn { index, source })?;
         Ok(Worker { index, thread })
     }
 }
 
-fn run(socket: zmq::Socket, index: usize, handler: Box<dyn Handler>, pool: Pool) {
-    let mut worker = Running {
-        socket,
-        index,
-        handler,
-        rec: pool.metrics.recorder(),
-        activity: &pool.activity,
-        max_reply_bytes: pool.max_reply_bytes,
-    };
-    if let Err(e) = send_one(&worker.socket, Message::from(internal::READY), 0) {
-        log::error!("worker {index}: cannot announce itself: {e}");
+fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
+    let mut rec = pool.metrics.recorder();
+    if pool.events.send(Event::Started(index)).is_err() {
         return;
     }
+    pool.waker.notify();
     log::debug!("worker {index}: ready");
-    // Reused across requests: an echo hands the same Vec back, so steady state allocates nothing.
-    let mut frames: Vec<Frame> = Vec::with_capacity(4);
     loop {
-        // Idle: the coordinator hands this worker a request directly, or says STOP.
-        match recv_frames(&worker.socket, 0, &mut frames) {
-            Ok(()) => {}
-            Err(zmq::Error::ETERM) => break,
-            Err(e) => {
-                log::error!("worker {index}: receive failed, stopping: {e}");
-                break;
+        let job = match pool.jobs.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Empty) => {
+                // Idle: publish counts, then wait for work (or the channel to close).
+                rec.flush();
+                match pool.jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
             }
-        }
-        if frames.len() == 1 && &frames[0][..] == internal::STOP {
+            Err(TryRecvError::Disconnected) => break,
+        };
+        let started = Instant::now();
+        rec.picked_up(started.duration_since(job.received));
+        rec.flush_if_due(started);
+        let result = run_one(
+            index as usize,
+            &mut *handler,
+            job.body,
+            started,
+            &pool,
+            &mut rec,
+        );
+        let done = Event::Done {
+            ticket: job.ticket,
+            result,
+        };
+        if pool.events.send(done).is_err() {
             break;
         }
-        let Some(mut ticket) = frames.first().and_then(|t| Ticket::from_bytes(t)) else {
-            log::error!("worker {index}: malformed message from the coordinator ignored");
-            continue;
-        };
-        frames.remove(0);
-        let mut body = std::mem::take(&mut frames);
-        // Busy: run this request, then any queued ones, without a round trip through the
-        // coordinator. Only a free worker takes one, so nothing waits behind a slow request.
-        let outcome = loop {
-            let reply = worker.run_one(body);
-            let next = pool.queue.try_recv().ok();
-            // The reply says whether this worker is idle now, so no separate READY is needed.
-            let head = ReplyHead {
-                ticket,
-                idle: next.is_none(),
-            };
-            if head.idle {
-                // Publish counts before going quiet.
-                worker.rec.flush();
-            }
-            match worker.send_reply(head, reply) {
-                Ok(spare) => frames = spare,
-                Err(e) => break Err(e),
-            }
-            let Some(job) = next else { break Ok(()) };
-            let now = Instant::now();
-            worker.rec.picked_up(now.duration_since(job.received));
-            worker.rec.flush_if_due(now);
-            ticket = job.ticket;
-            body = job.body;
-        };
-        match outcome {
-            Ok(()) => {}
-            Err(zmq::Error::ETERM) => break,
-            Err(e) => {
-                log::error!("worker {index}: cannot return a reply, stopping: {e}");
-                break;
-            }
-        }
+        pool.waker.notify();
     }
+    let _ = pool.events.send(Event::Stopped(index));
     log::debug!("worker {index}: stopped");
 }
 
-/// A worker thread's state.
-struct Running<'a> {
-    socket: zmq::Socket,
+/// Runs one request's handler, catching a panic and refusing an oversized reply.
+fn run_one(
     index: usize,
-    handler: Box<dyn Handler>,
-    rec: Recorder,
-    activity: &'a Activity,
-    max_reply_bytes: usize,
-}
-
-impl Running<'_> {
-    /// Runs one request's handler, catching a panic.
-    fn run_one(&mut self, body: Vec<Frame>) -> Result<Vec<Frame>, HandlerError> {
-        let started = Instant::now();
-        self.activity.begin(self.index);
-        self.rec.worker_started();
-        let handler = &mut self.handler;
-        let result = catch_unwind(AssertUnwindSafe(|| handler.handle(body)));
-        self.activity.end(self.index);
-        self.rec.worker_finished(started.elapsed());
-        match result {
-            Ok(Ok(reply)) => {
-                let size: usize = reply.iter().map(|f| f.len()).sum();
-                if size > self.max_reply_bytes || reply.len() >= MAX_FRAMES {
-                    Err(HandlerError::failed(format!(
-                        "reply of {size} bytes in {} frames exceeds the reply limit",
-                        reply.len()
-                    )))
-                } else {
-                    Ok(reply)
-                }
-            }
-            Ok(Err(e)) => Err(e),
-            Err(panic) => Err(HandlerError::failed(format!(
-                "handler panicked: {}",
-                panic_message(&panic)
-            ))),
-        }
-    }
-
-    /// Sends a reply to the coordinator; returns the reply's emptied frame buffer for reuse.
-    fn send_reply(
-        &mut self,
-        head: ReplyHead,
-        reply: Result<Vec<Frame>, HandlerError>,
-    ) -> zmq::Result<Vec<Frame>> {
-        let head = Message::from(&head.to_bytes()[..]);
-        match reply {
-            Ok(mut frames) => {
-                let all = std::iter::once(head).chain(encode_ok(frames.drain(..)));
-                send_frames(&self.socket, all, 0)?;
-                Ok(frames)
-            }
-            Err(HandlerError { code, message }) => {
-                let all = std::iter::once(head).chain(encode_err(code, &message));
-                send_frames(&self.socket, all, 0)?;
-                Ok(Vec::new())
+    handler: &mut dyn Handler,
+    body: Vec<Frame>,
+    started: Instant,
+    pool: &Pool,
+    rec: &mut Recorder,
+) -> Result<Vec<Frame>, HandlerError> {
+    pool.activity.begin(index);
+    rec.worker_started();
+    let result = catch_unwind(AssertUnwindSafe(|| handler.handle(body)));
+    pool.activity.end(index);
+    rec.worker_finished(started.elapsed());
+    match result {
+        Ok(Ok(reply)) => {
+            let size: usize = reply.iter().map(|f| f.len()).sum();
+            if size > pool.max_reply_bytes || reply.len() >= MAX_FRAMES {
+                Err(HandlerError::failed(format!(
+                    "reply of {size} bytes in {} frames exceeds the reply limit",
+                    reply.len()
+                )))
+            } else {
+                Ok(reply)
             }
         }
+        Ok(Err(e)) => Err(e),
+        Err(panic) => Err(HandlerError::failed(format!(
+            "handler panicked: {}",
+            panic_message(&panic)
+        ))),
     }
 }
 
@@ -313,7 +308,6 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::socket::recv_frames;
 
     struct Panicky;
 
@@ -328,124 +322,99 @@ mod tests {
         }
     }
 
-    const TICKET: Ticket = Ticket {
-        slot: 1,
-        generation: 2,
-    };
-
-    /// Reads one reply: (head, body frames).
-    fn reply(router: &zmq::Socket) -> (ReplyHead, Vec<Vec<u8>>) {
-        let mut frames = Vec::new();
-        recv_frames(router, 0, &mut frames).expect("reply");
-        let head = ReplyHead::from_bytes(&frames[1]).expect("reply head");
-        (head, frames[2..].iter().map(|f| f.to_vec()).collect())
+    struct Harness {
+        jobs: Sender<Job>,
+        events: Receiver<Event>,
+        waker: Arc<Waker>,
+        worker: Worker,
     }
 
-    fn exchange(router: &zmq::Socket, id: &[u8], body: &[u8]) -> Vec<Vec<u8>> {
-        router
-            .send_multipart([id, &TICKET.to_bytes()[..], body], 0)
-            .expect("dispatch");
-        let (head, body) = reply(router);
-        // The queue is empty: the reply itself says the worker is idle again.
-        assert_eq!(
-            head,
-            ReplyHead {
-                ticket: TICKET,
-                idle: true
-            }
-        );
-        body
-    }
-
-    fn start(
-        path: &str,
-    ) -> (
-        zmq::Context,
-        zmq::Socket,
-        Worker,
-        crossbeam_channel::Sender<Job>,
-    ) {
-        let ctx = zmq::Context::new();
-        let router = ctx.socket(zmq::ROUTER).expect("router");
-        router.bind(path).expect("bind");
-        let (queue, jobs) = crossbeam_channel::bounded(4);
+    fn start() -> Harness {
+        let (jobs, job_rx) = crossbeam_channel::unbounded();
+        let (event_tx, events) = crossbeam_channel::unbounded();
+        let waker = Arc::new(Waker::new().expect("eventfd"));
         let pool = Pool {
-            endpoint: path.into(),
-            queue: jobs,
+            jobs: job_rx,
+            events: event_tx,
+            waker: Arc::clone(&waker),
             metrics: Arc::new(Metrics::new("test").expect("metrics")),
             activity: Arc::new(Activity::new(1)),
             max_reply_bytes: 10,
         };
-        let worker = Worker::spawn(&ctx, &pool, 0, Box::new(Panicky)).expect("spawn");
-        let ready = router.recv_multipart(0).expect("READY");
-        let id = internal::worker_id(0);
-        assert_eq!(ready, [id.to_vec(), internal::READY.to_vec()]);
-        (ctx, router, worker, queue)
+        let worker = Worker::spawn(&pool, 0, Box::new(Panicky)).expect("spawn");
+        assert!(matches!(
+            events.recv_timeout(Duration::from_secs(10)),
+            Ok(Event::Started(0))
+        ));
+        Harness {
+            jobs,
+            events,
+            waker,
+            worker,
+        }
     }
 
-    fn stop(router: &zmq::Socket, worker: Worker) {
-        let id = internal::worker_id(0);
-        router
-            .send_multipart([&id[..], internal::STOP], 0)
-            .expect("stop");
-        worker.thread.join().expect("worker exits after STOP");
+    fn run(h: &Harness, slot: u32, body: &[u8]) -> Result<Vec<Vec<u8>>, HandlerError> {
+        let ticket = Ticket {
+            slot,
+            generation: 2,
+        };
+        h.jobs
+            .send(Job {
+                ticket,
+                received: Instant::now(),
+                body: vec![Frame::from(body)],
+            })
+            .expect("send job");
+        match h.events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Done { ticket: t, result }) => {
+                assert_eq!(t, ticket, "the ticket comes back");
+                result.map(|frames| frames.iter().map(|f| f.to_vec()).collect())
+            }
+            other => panic!("expected Done, got {other:?}"),
+        }
     }
 
     #[test]
-    fn a_panicking_handler_answers_handler_failed_and_keeps_serving() {
-        let (_ctx, router, worker, _queue) = start("inproc://pool-test-panic");
-        let id = internal::worker_id(0);
+    fn panics_refusals_and_oversized_replies_become_errors_and_the_worker_carries_on() {
+        let h = start();
         // Keep the test output clean of the expected panic message.
         std::panic::set_hook(Box::new(|_| {}));
-        let reply = exchange(&router, &id, b"panic");
+        let panicked = run(&h, 1, b"panic");
         let _ = std::panic::take_hook();
-        assert_eq!(&reply[..2], [b"ERR".to_vec(), b"handler_failed".to_vec()]);
-        assert!(String::from_utf8_lossy(&reply[2]).contains("asked to"));
-        let reply = exchange(&router, &id, b"refuse");
+        let e = panicked.expect_err("a panic is an error");
+        assert_eq!(e.code, shared::ErrorCode::HandlerFailed);
+        assert!(e.message.contains("asked to"));
         assert_eq!(
-            reply,
-            [
-                b"ERR".to_vec(),
-                b"bad_request".to_vec(),
-                b"refused".to_vec()
-            ]
+            run(&h, 2, b"refuse"),
+            Err(HandlerError::bad_request("refused"))
         );
-        // A reply over the limit (10 bytes here) is refused, not sent.
-        let reply = exchange(&router, &id, b"huge");
-        assert_eq!(&reply[..2], [b"ERR".to_vec(), b"handler_failed".to_vec()]);
-        let reply = exchange(&router, &id, b"hello");
-        assert_eq!(reply, [b"OK".to_vec(), b"hello".to_vec()]);
-        stop(&router, worker);
+        let e = run(&h, 3, b"huge").expect_err("over the 10-byte reply limit");
+        assert_eq!(e.code, shared::ErrorCode::HandlerFailed);
+        assert_eq!(run(&h, 4, b"hello"), Ok(vec![b"hello".to_vec()]));
+        // Closing the job channel stops the worker.
+        drop(h.jobs);
+        h.worker
+            .thread
+            .join()
+            .expect("worker exits when the channel closes");
     }
 
     #[test]
-    fn a_busy_worker_takes_queued_requests_and_says_idle_only_at_the_end() {
-        let (_ctx, router, worker, queue) = start("inproc://pool-test-queue");
-        let id = internal::worker_id(0);
-        let queued = Ticket {
-            slot: 9,
-            generation: 0,
-        };
-        queue
-            .send(Job {
-                ticket: queued,
-                received: Instant::now(),
-                body: vec![Frame::from("second")],
-            })
-            .expect("queue");
-        router
-            .send_multipart([&id[..], &TICKET.to_bytes()[..], b"first"], 0)
-            .expect("dispatch");
-        let (head, body) = reply(&router);
-        assert_eq!(
-            (head.ticket, head.idle),
-            (TICKET, false),
-            "took the queued one"
-        );
-        assert_eq!(body, [b"OK".to_vec(), b"first".to_vec()]);
-        let (head, body) = reply(&router);
-        assert_eq!((head.ticket, head.idle), (queued, true));
-        assert_eq!(body, [b"OK".to_vec(), b"second".to_vec()]);
-        stop(&router, worker);
+    fn a_sleeping_coordinator_is_woken_once_and_a_busy_one_never() {
+        let waker = Waker::new().expect("eventfd");
+        // Busy: no write.
+        waker.notify();
+        assert!(waker.fd.read().is_err(), "nothing written while awake");
+        // Sleeping: one write, however many notify.
+        waker.sleeping();
+        waker.notify();
+        waker.notify();
+        assert_eq!(waker.fd.read().ok(), Some(1));
+        waker.awake(false);
+        let h = start();
+        h.waker.sleeping();
+        assert_eq!(run(&h, 1, b"x"), Ok(vec![b"x".to_vec()]));
+        assert_eq!(h.waker.fd.read().ok(), Some(1), "the reply woke it");
     }
 }

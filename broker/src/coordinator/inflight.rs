@@ -3,7 +3,7 @@
 //! generation changes every time it is freed, so a late reply for a request that already timed
 //! out (and whose slot was reused) is recognised and dropped.
 
-use shared::protocol::internal::Ticket;
+use worker::Ticket;
 
 struct Slot<T> {
     generation: u32,

@@ -1,9 +1,9 @@
-//! The coordinator: one thread that owns the front ROUTER, its connection monitor, the inproc
-//! ROUTER to the workers, the signalfd and every worker thread. It reads requests, hands each
-//! to an idle worker (the zguide's load-balancing pattern: a worker gets a request only when
-//! it is free, so nothing waits behind a slow request while another worker idles), returns
-//! replies within each connection's byte limits, and runs the lifecycle from serving through
-//! the drain to joining the workers.
+//! The coordinator: one thread that owns the front ROUTER, its connection monitor, the signalfd,
+//! the job channel the workers take requests from and every worker thread. It reads requests,
+//! queues each for the workers (a worker takes one only when it is free, so nothing waits
+//! behind a slow request while another worker idles), returns replies within each
+//! connection's byte limits, and runs the lifecycle from serving through the drain to joining
+//! the workers.
 //!
 //! Its parts: [`inflight`] (the table of requests read and not answered), [`clock`] (when
 //! to drain and stop), and this module (the sockets and the loop that joins them).
@@ -18,14 +18,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::signal::Signal;
 use shared::metrics::{DropReason, Recorder};
-use shared::protocol::internal::{self, ReplyHead, Ticket};
 use shared::protocol::{
-    classify, echoes_envelope, encode_err, envelope_len, wire_size, RequestKind, FRAME_OVERHEAD,
-    MAX_FRAMES, STATUS_OK,
+    classify, echoes_envelope, encode_err, encode_ok, envelope_len, wire_size, RequestKind,
+    FRAME_OVERHEAD, MAX_FRAMES, STATUS_OK,
 };
-use shared::socket::{recv_frames, recv_frames_capped, retry_eintr, send_one};
+use shared::socket::{send_one, try_recv_frames};
 use shared::{ErrorCode, Metrics};
-use worker::{Activity, Job};
+use worker::{Activity, Event, Job, Waker};
 use zmq::{Message, Socket};
 
 use crate::access::ZapHandler;
@@ -40,11 +39,15 @@ use inflight::Slab;
 /// Messages read from one socket before looking at the others, so a flood on the front
 /// cannot starve replies coming back from the workers.
 const BATCH: usize = 256;
-/// How long shutdown waits for a worker that has not said it is idle yet.
-const IDLE_GRACE: Duration = Duration::from_secs(1);
+/// How long shutdown waits for a worker to finish the request it is on (one that is not
+/// inside its handler any more is about to exit).
+const JOIN_GRACE: Duration = Duration::from_secs(1);
 /// How often outbound byte estimates are refreshed from the guard's measurements and the
 /// connection gauges published.
 const RESYNC_EVERY: Duration = Duration::from_millis(100);
+/// While requests keep the coordinator busy it does not poll; it looks at its other inputs
+/// (signals, connection events, ZAP) this often.
+const LOOK_EVERY: Duration = Duration::from_millis(1);
 /// Shortest interval between measuring every connection's outbound bytes when the total
 /// looks over budget (each measurement is a syscall per connection).
 const MEASURE_ALL_EVERY: Duration = Duration::from_millis(10);
@@ -52,9 +55,9 @@ const MEASURE_ALL_EVERY: Duration = Duration::from_millis(10);
 /// A fatal coordinator error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// zmq_poll failed.
+    /// poll(2) failed.
     #[error("poll failed: {0}")]
-    Poll(zmq::Error),
+    Poll(std::io::Error),
     /// A socket failed in a way that is not about one client.
     #[error("{socket} socket failed: {source}")]
     Socket {
@@ -87,8 +90,6 @@ pub struct Sockets {
     pub front: Socket,
     /// The PAIR reading the front socket's monitor events (accepted, disconnected).
     pub monitor: Socket,
-    /// The inproc ROUTER the workers connect to.
-    pub backend: Socket,
     /// The ZAP handler, when connections are checked.
     pub zap: Option<ZapHandler>,
     /// SIGTERM and friends.
@@ -99,28 +100,16 @@ pub struct Sockets {
 pub struct Workers {
     /// Every worker thread, joined at the end.
     pub handles: Vec<worker::Worker>,
-    /// Sender of the overflow queue: requests read while no worker was idle.
-    pub overflow: Sender<Job>,
-    /// A receiver of the same queue, to take back what no worker will run (drain deadline).
-    pub overflow_rx: Receiver<Job>,
+    /// Where requests go; dropping it stops the workers once they have taken what is queued.
+    pub jobs: Sender<Job>,
+    /// A receiver of the same channel, to take back what no worker will run (drain deadline).
+    pub jobs_back: Receiver<Job>,
+    /// Outcomes and start-up reports from the workers.
+    pub events: Receiver<Event>,
+    /// How the workers wake the coordinator when an event arrives while it sleeps.
+    pub waker: Arc<Waker>,
     /// What each worker is doing now (shared with the liveness check).
     pub activity: Arc<Activity>,
-}
-
-/// What the coordinator knows of one worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WorkerState {
-    /// Has not said READY yet.
-    Starting,
-    /// Free for work: blocked on its inproc socket, waiting for the coordinator.
-    Idle,
-    /// Running requests: one handed to it, then any it takes from the overflow queue. Its
-    /// reply to the last one says it is idle.
-    Active,
-    /// Still inside a handler at the end of the drain; never waited on again.
-    Abandoned,
-    /// Sent STOP.
-    Stopped,
 }
 
 /// Where a request came from: the connection it arrived on, for its reply's byte accounting.
@@ -177,15 +166,22 @@ pub struct Coordinator {
     held: Held,
     conns: conns::Table,
     workers: Workers,
-    worker_states: Vec<WorkerState>,
-    idle: Vec<u32>,
-    /// Receive buffers reused across turns: front requests, worker messages, reply bodies.
+    /// Workers that have reported themselves started.
+    started: usize,
+    /// Receive buffers reused across turns: front requests, reply bodies.
     frames: Vec<Message>,
-    worker_frames: Vec<Message>,
     reply: Vec<Message>,
     /// Envelope vectors of answered requests, reused so a steady load allocates none.
     spare_envelopes: Vec<Vec<Message>>,
     tally: Tally,
+    /// The time of this turn (read once per turn, after the poll).
+    now: Instant,
+    /// Requests may be waiting on the front socket (the last read stopped at a full batch).
+    front_ready: bool,
+    /// A reply was sent on the front socket since it was last asked for its events.
+    sent_since_read: bool,
+    /// When to look at the other inputs while busy.
+    next_look: Instant,
     last_read: Instant,
     next_resync: Instant,
     last_measure_all: Instant,
@@ -203,7 +199,6 @@ impl Coordinator {
         guard: Arc<guard::Shared>,
     ) -> Coordinator {
         let now = Instant::now();
-        let n = workers.handles.len();
         Coordinator {
             sockets,
             clock: Clock::new(config.shutdown_delay, config.drain_timeout),
@@ -222,13 +217,15 @@ impl Coordinator {
             },
             conns,
             workers,
-            worker_states: vec![WorkerState::Starting; n],
-            idle: Vec::with_capacity(n),
+            started: 0,
             frames: Vec::with_capacity(8),
-            worker_frames: Vec::with_capacity(8),
             reply: Vec::with_capacity(8),
             spare_envelopes: Vec::new(),
             tally: Tally::default(),
+            now,
+            front_ready: false,
+            sent_since_read: false,
+            next_look: now,
             last_read: now,
             next_resync: now,
             last_measure_all: now,
@@ -239,9 +236,16 @@ impl Coordinator {
     /// Runs until drained or hard-stopped. On a clean exit every worker that is not stuck in
     /// its handler has been joined.
     pub fn run(mut self) -> Result<Exit, Error> {
+        // A socket's notification fd only signals news after the socket has been found
+        // empty once (libzmq's edge-triggered ZMQ_FD): look at each before the first poll.
+        self.read_monitor()?;
+        self.read_front()?;
+        if let Some(handler) = &mut self.sockets.zap {
+            handler.handle_pending();
+        }
         'turns: loop {
-            self.status.heartbeat();
             let now = Instant::now();
+            self.status.heartbeat_at(now);
             let wake_at = loop {
                 match self.clock.step(now, self.inflight.len(), self.last_read) {
                     Step::Wait(at) => break at,
@@ -266,7 +270,43 @@ impl Coordinator {
                 .min(self.next_resync.saturating_duration_since(now));
             // Publish this turn's counts before blocking, so a scrape sees them.
             self.publish(now);
-            let ready = self.poll(wait)?;
+            // Replies sent since the front was last read may have consumed its notification:
+            // libzmq wants ZMQ_EVENTS asked after any send or receive before its fd is polled.
+            if !self.front_ready && self.sent_since_read {
+                self.sent_since_read = false;
+                self.front_ready = self
+                    .sockets
+                    .front
+                    .get_events()
+                    .is_ok_and(|e| e.contains(zmq::POLLIN));
+            }
+            let ready = if self.front_ready || !self.workers.events.is_empty() {
+                // Work is waiting: no sleep. The other inputs are looked at now and then.
+                if now >= self.next_look {
+                    self.next_look = now + LOOK_EVERY;
+                    let mut ready = self.wait(Duration::ZERO)?;
+                    // Read even without a signal: cheap, and immune to a missed edge.
+                    ready.monitor = true;
+                    ready
+                } else {
+                    Ready::default()
+                }
+            } else {
+                // Sleep only if no worker event is waiting; one sent after this look wakes
+                // the poll through the waker's eventfd.
+                self.workers.waker.sleeping();
+                let ready = if self.workers.events.is_empty() {
+                    self.wait(wait)
+                } else {
+                    Ok(Ready::default())
+                };
+                self.workers
+                    .waker
+                    .awake(ready.as_ref().is_ok_and(|r| r.woken));
+                ready?
+            };
+            // One clock reading per turn stamps every request read and answered in it.
+            self.now = Instant::now();
             if ready.signal {
                 if let Some(sig) = self.read_signals()? {
                     return Ok(self.hard_stop(sig));
@@ -282,10 +322,8 @@ impl Coordinator {
                     handler.handle_pending();
                 }
             }
-            if ready.backend {
-                self.read_backend()?;
-            }
-            if ready.front {
+            self.read_events();
+            if ready.front || self.front_ready {
                 self.read_front()?;
             }
         }
@@ -345,38 +383,43 @@ impl Coordinator {
         self.metrics.set_inflight_bytes(self.inflight_bytes);
     }
 
-    /// Waits for input.
-    fn poll(&self, timeout: Duration) -> Result<Ready, Error> {
+    /// Waits up to `timeout` for input: the signalfd, the workers' waker, and the
+    /// notification descriptors of the ZeroMQ sockets (readable when libzmq has news for the
+    /// socket; the socket itself then says whether a message waits).
+    fn wait(&self, timeout: Duration) -> Result<Ready, Error> {
         let s = &self.sockets;
-        let mut items = [
-            zmq::PollItem::from_fd(s.signals.as_raw_fd(), zmq::POLLIN),
-            s.monitor.as_poll_item(zmq::POLLIN),
-            s.backend.as_poll_item(zmq::POLLIN),
-            s.front.as_poll_item(zmq::POLLIN),
-            // Without a ZAP handler, a never-readable stand-in keeps the set fixed-size.
-            match &s.zap {
-                Some(zap) => zap.socket().as_poll_item(zmq::POLLIN),
-                None => zmq::PollItem::from_fd(s.signals.as_raw_fd(), zmq::PollEvents::empty()),
-            },
+        let fd = |socket: &Socket| {
+            socket.get_fd().map_err(|source| Error::Socket {
+                socket: "notification",
+                source,
+            })
+        };
+        let mut fds = [
+            (s.signals.as_raw_fd(), false),
+            (fd(&s.monitor)?, false),
+            (self.workers.waker.as_raw_fd(), false),
+            (fd(&s.front)?, false),
+            // Without a ZAP handler, a negative descriptor, which poll skips.
+            (s.zap.as_ref().map_or(Ok(-1), |z| fd(z.socket()))?, false),
         ];
         // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
-        let millis = timeout.as_micros().div_ceil(1000).min(i64::MAX as u128) as i64;
-        retry_eintr(|| zmq::poll(&mut items, millis)).map_err(Error::Poll)?;
+        let millis = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        crate::sys::poll_readable(&mut fds, millis).map_err(Error::Poll)?;
         Ok(Ready {
-            signal: items[0].is_readable(),
-            monitor: items[1].is_readable(),
-            backend: items[2].is_readable(),
-            front: items[3].is_readable(),
-            zap: s.zap.is_some() && items[4].is_readable(),
+            signal: fds[0].1,
+            monitor: fds[1].1,
+            woken: fds[2].1,
+            front: fds[3].1,
+            zap: fds[4].1,
         })
     }
 
     /// Reads connection events from the front socket's monitor.
     fn read_monitor(&mut self) -> Result<(), Error> {
         loop {
-            match recv_frames(&self.sockets.monitor, zmq::DONTWAIT, &mut self.frames) {
-                Ok(()) => {}
-                Err(zmq::Error::EAGAIN) => return Ok(()),
+            match try_recv_frames(&self.sockets.monitor, &mut self.frames, 2) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
                 Err(source) => {
                     return Err(Error::Socket {
                         socket: "monitor",
@@ -416,19 +459,21 @@ impl Coordinator {
     }
 
     /// Reads up to [`BATCH`] requests from the front socket.
+    /// Reads up to [`BATCH`] requests from the front socket; remembers whether more wait.
     fn read_front(&mut self) -> Result<(), Error> {
         let mut frames = std::mem::take(&mut self.frames);
         let mut result = Ok(());
+        // More may wait after a full batch; an empty socket signals its descriptor later.
+        self.front_ready = true;
+        self.sent_since_read = false;
         for _ in 0..BATCH {
             // One frame past the limit is kept: enough for classify to refuse the request.
-            match recv_frames_capped(
-                &self.sockets.front,
-                zmq::DONTWAIT,
-                &mut frames,
-                MAX_FRAMES + 1,
-            ) {
-                Ok(_) => self.on_request(&mut frames),
-                Err(zmq::Error::EAGAIN) => break,
+            match try_recv_frames(&self.sockets.front, &mut frames, MAX_FRAMES + 1) {
+                Ok(true) => self.on_request(&mut frames),
+                Ok(false) => {
+                    self.front_ready = false;
+                    break;
+                }
                 Err(source) => {
                     result = Err(Error::Socket {
                         socket: "front",
@@ -447,7 +492,7 @@ impl Coordinator {
         let Some(envelope_frames) = envelope_len(frames) else {
             return;
         };
-        let now = Instant::now();
+        let now = self.now;
         let wire: usize = frames[1..].iter().map(|f| wire_size(f.len())).sum();
         // The connection's fd is in the metadata of the first frame the client sent, not of
         // the routing id: libzmq 4.3.4 drops the routing id's metadata when a poll prefetched
@@ -456,7 +501,13 @@ impl Coordinator {
             .get_mut(1)
             .and_then(|first| first.gets("__fd"))
             .and_then(|text| text.parse::<RawFd>().ok());
-        let origin = match fd.map(|fd| (fd, self.conns.request_read(fd, wire as u64))) {
+        let mut attribution = fd.map(|fd| self.conns.request_read(fd, wire as u64));
+        if matches!(attribution, Some(conns::Attribution::Untracked)) {
+            // Its connection's ACCEPTED event may still be queued: take the events, retry.
+            let _ = self.read_monitor();
+            attribution = fd.map(|fd| self.conns.request_read(fd, wire as u64));
+        }
+        let origin = match fd.zip(attribution) {
             // Its connection is being refused (over --max-connections): not served.
             Some((_, conns::Attribution::Refused)) => return,
             Some((fd, conns::Attribution::Tracked(conn))) => Some(Origin { fd, conn }),
@@ -518,125 +569,71 @@ impl Coordinator {
                 self.inflight_bytes += cost;
                 self.held.set(now, self.inflight.len());
                 self.rec.set_inflight(self.inflight.len());
-                match self.idle.pop() {
-                    Some(w) => {
-                        self.rec.picked_up(Duration::ZERO);
-                        self.dispatch(w, ticket, frames);
-                    }
-                    // Every worker is busy: queue it for the first one to finish. The queue
-                    // holds at most --max-inflight jobs (the table is checked first).
-                    None => {
-                        let job = Job {
-                            ticket,
-                            received: now,
-                            body: std::mem::take(frames),
-                        };
-                        if self.workers.overflow.try_send(job).is_err() {
-                            log::error!("overflow queue full or closed; request dropped");
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends a request to idle worker `w`.
-    fn dispatch(&mut self, w: u32, ticket: Ticket, body: &mut Vec<Message>) {
-        self.worker_states[w as usize] = WorkerState::Active;
-        let head = [
-            Message::from(&internal::worker_id(w)[..]),
-            Message::from(&ticket.to_bytes()[..]),
-        ];
-        // The worker is idle, so its inproc pipe has room: this cannot block.
-        let all = head.into_iter().chain(body.drain(..));
-        if let Err(e) = shared::socket::send_frames(&self.sockets.backend, all, 0) {
-            // Only possible if the worker thread died; its request times out at drain.
-            log::error!("cannot dispatch to worker {w}: {e}");
-        }
-    }
-
-    /// Worker `w` is idle (it found the overflow queue empty). A request queued since then
-    /// goes to it now; otherwise it waits. So no request waits while a worker idles.
-    fn next_for(&mut self, w: u32) {
-        match self.workers.overflow_rx.try_recv() {
-            Ok(mut job) => {
-                self.rec.picked_up(job.received.elapsed());
-                self.dispatch(w, job.ticket, &mut job.body);
-            }
-            Err(_) => {
-                self.worker_states[w as usize] = WorkerState::Idle;
-                self.idle.push(w);
-            }
-        }
-    }
-
-    /// Reads replies and READY announcements from the workers.
-    fn read_backend(&mut self) -> Result<(), Error> {
-        // A buffer kept across calls: this runs on every wake-up under load.
-        let mut frames = std::mem::take(&mut self.worker_frames);
-        let result = loop {
-            match recv_frames(&self.sockets.backend, zmq::DONTWAIT, &mut frames) {
-                Ok(()) => self.on_worker_message(&mut frames),
-                Err(zmq::Error::EAGAIN) => break Ok(()),
-                Err(source) => {
-                    break Err(Error::Socket {
-                        socket: "backend",
-                        source,
-                    })
-                }
-            }
-        };
-        self.worker_frames = frames;
-        result
-    }
-
-    fn on_worker_message(&mut self, frames: &mut Vec<Message>) {
-        let Some(w) = frames.first().and_then(|id| internal::parse_worker_id(id)) else {
-            return;
-        };
-        let Some(&state) = self.worker_states.get(w as usize) else {
-            return;
-        };
-        if frames.len() == 2 && &frames[1][..] == internal::READY {
-            if state == WorkerState::Starting {
-                self.next_for(w);
-                if self.status.state() == State::Starting
-                    && !self.worker_states.contains(&WorkerState::Starting)
-                {
-                    self.status.set(State::Serving);
-                }
-            }
-            return;
-        }
-        let Some(head) = frames.get(1).and_then(|h| ReplyHead::from_bytes(h)) else {
-            log::error!("malformed message from worker {w} ignored");
-            return;
-        };
-        // A stale ticket (the request timed out at the drain deadline) finds no entry.
-        match self.inflight.remove(head.ticket) {
-            Some(mut entry) => {
-                let now = Instant::now();
-                self.inflight_bytes -= entry.cost;
-                self.held.set(now, self.inflight.len());
-                self.rec.set_inflight(self.inflight.len());
-                let outcome = match frames.get(2).map(|f| &f[..]) {
-                    Some(STATUS_OK) => None,
-                    _ => frames
-                        .get(3)
-                        .and_then(|code| ErrorCode::from_bytes(code))
-                        .or(Some(ErrorCode::HandlerFailed)),
+                // The first free worker takes it. The channel holds at most --max-inflight
+                // jobs (the table is checked first).
+                let job = Job {
+                    ticket,
+                    received: now,
+                    body: std::mem::take(frames),
                 };
-                frames.drain(..2);
-                self.send_reply(&mut entry.envelope, entry.origin, frames);
-                self.rec
-                    .replied(outcome, Some(now.duration_since(entry.received)));
-                self.spare_envelopes.push(entry.envelope);
+                if self.workers.jobs.send(job).is_err() {
+                    log::error!("job channel closed; request dropped");
+                }
             }
-            None => log::debug!("late reply from worker {w} discarded"),
         }
-        if head.idle && matches!(state, WorkerState::Active | WorkerState::Abandoned) {
-            self.next_for(w);
+    }
+
+    /// Takes every waiting worker event: start-up reports and outcomes.
+    fn read_events(&mut self) {
+        while let Ok(event) = self.workers.events.try_recv() {
+            match event {
+                Event::Started(_) => {
+                    self.started += 1;
+                    if self.started == self.workers.handles.len()
+                        && self.status.state() == State::Starting
+                    {
+                        self.status.set(State::Serving);
+                    }
+                }
+                Event::Done { ticket, result } => self.on_done(ticket, result),
+                // Only while stopping, read by stop_workers.
+                Event::Stopped(_) => {}
+            }
         }
+    }
+
+    /// Sends a worker's outcome to the client that asked.
+    fn on_done(
+        &mut self,
+        ticket: worker::Ticket,
+        result: Result<Vec<Message>, worker::HandlerError>,
+    ) {
+        // A stale ticket (the request timed out at the drain deadline) finds no entry.
+        let Some(mut entry) = self.inflight.remove(ticket) else {
+            log::debug!("late reply discarded");
+            return;
+        };
+        let now = self.now;
+        self.inflight_bytes -= entry.cost;
+        self.held.set(now, self.inflight.len());
+        self.rec.set_inflight(self.inflight.len());
+        let mut body = std::mem::take(&mut self.reply);
+        body.clear();
+        let outcome = match result {
+            Ok(mut frames) => {
+                body.extend(encode_ok(frames.drain(..)));
+                None
+            }
+            Err(worker::HandlerError { code, message }) => {
+                body.extend(encode_err(code, &message));
+                Some(code)
+            }
+        };
+        self.send_reply(&mut entry.envelope, entry.origin, &mut body);
+        self.reply = body;
+        self.rec
+            .replied(outcome, Some(now.duration_since(entry.received)));
+        self.spare_envelopes.push(entry.envelope);
     }
 
     /// Answers a request that no worker will see.
@@ -673,6 +670,7 @@ impl Coordinator {
         // With ROUTER_MANDATORY the first frame decides: EHOSTUNREACH for an unknown peer,
         // EAGAIN at the peer's high-water mark. Once it is accepted the rest of the message
         // is too (the pipe counts whole messages).
+        self.sent_since_read = true;
         let mut frames = envelope.drain(..).chain(body.drain(..));
         let Some(first) = frames.next() else { return };
         let reason = match send_one(&self.sockets.front, first, zmq::DONTWAIT | zmq::SNDMORE) {
@@ -749,7 +747,7 @@ impl Coordinator {
     /// handler are abandoned.
     fn expire(&mut self) {
         // Queued requests will not run: take them back so no worker starts one.
-        while self.workers.overflow_rx.try_recv().is_ok() {}
+        while self.workers.jobs_back.try_recv().is_ok() {}
         let mut timed_out = 0;
         for ticket in self.inflight.tickets() {
             if let Some(mut entry) = self.inflight.remove(ticket) {
@@ -775,40 +773,33 @@ impl Coordinator {
     /// Stops and joins every worker that is not stuck in a handler. Returns how many were
     /// left behind.
     fn stop_workers(&mut self) -> usize {
-        // A worker inside a handler now is stuck past the drain: leave it. Any other worker
-        // not yet idle (starting, or about to send its last reply) says so shortly.
-        for (w, state) in self.worker_states.iter_mut().enumerate() {
-            if *state == WorkerState::Active && self.workers.activity.in_handler(w) {
-                *state = WorkerState::Abandoned;
-            }
-        }
-        let waiting = |states: &[WorkerState]| {
-            states
-                .iter()
-                .any(|s| matches!(s, WorkerState::Starting | WorkerState::Active))
-        };
-        let grace = Instant::now() + IDLE_GRACE;
-        while waiting(&self.worker_states) && Instant::now() < grace {
-            let mut item = [self.sockets.backend.as_poll_item(zmq::POLLIN)];
-            if matches!(retry_eintr(|| zmq::poll(&mut item, 50)), Ok(n) if n > 0) {
-                let _ = self.read_backend();
-            }
-        }
-        for w in 0..self.worker_states.len() as u32 {
-            if self.worker_states[w as usize] == WorkerState::Idle {
-                let stop = [
-                    Message::from(&internal::worker_id(w)[..]),
-                    Message::from(internal::STOP),
-                ];
-                match shared::socket::send_frames(&self.sockets.backend, stop, 0) {
-                    Ok(()) => self.worker_states[w as usize] = WorkerState::Stopped,
-                    Err(e) => log::error!("cannot stop worker {w}: {e}"),
+        // Nothing queued is run any more; closing the channel makes every worker leave once
+        // it has finished the request it is on.
+        while self.workers.jobs_back.try_recv().is_ok() {}
+        let (closed, _) = crossbeam_channel::bounded(0);
+        drop(std::mem::replace(&mut self.workers.jobs, closed));
+        let grace = Instant::now() + JOIN_GRACE;
+        let mut handles = std::mem::take(&mut self.workers.handles);
+        let mut stopped = vec![false; handles.len()];
+        // A worker inside its handler now is stuck past the drain: it is not waited for.
+        // Any other reports that it is leaving promptly.
+        while handles.iter().any(|h| {
+            !stopped[h.index as usize] && !self.workers.activity.in_handler(h.index as usize)
+        }) {
+            match self.workers.events.recv_deadline(grace) {
+                Ok(Event::Stopped(index)) => {
+                    if let Some(s) = stopped.get_mut(index as usize) {
+                        *s = true;
+                    }
                 }
+                // Replies to requests already answered ERR timeout: nobody to send them to.
+                Ok(_) => {}
+                Err(_) => break,
             }
         }
         let mut left = 0;
-        for handle in std::mem::take(&mut self.workers.handles) {
-            if self.worker_states[handle.index as usize] == WorkerState::Stopped {
+        for handle in handles.drain(..) {
+            if stopped[handle.index as usize] {
                 if handle.thread.join().is_err() {
                     log::error!("worker {} panicked outside its handler", handle.index);
                 }
@@ -825,11 +816,12 @@ impl Coordinator {
     }
 }
 
-/// Which polled inputs are readable.
+/// Which polled inputs are readable (worker events are read every turn regardless).
+#[derive(Default)]
 struct Ready {
     signal: bool,
     monitor: bool,
-    backend: bool,
+    woken: bool,
     front: bool,
     zap: bool,
 }
