@@ -133,6 +133,7 @@ fn regression(c: &mut Criterion) {
             timeout: Duration::from_secs(5),
             verify: true,
             raw: false,
+            first_frame: None,
             security: Security::None,
         };
         group.bench_function("broker", |b| {

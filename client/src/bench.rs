@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// The server is a bare echo (no `OK` status frame), e.g. a REP socket.
     #[arg(long)]
     pub raw: bool,
+    /// Send this text as a frame ahead of each body: the milliseconds for the `sleep`
+    /// handler, or the rounds for `cpu`.
+    #[arg(long)]
+    pub first_frame: Option<String>,
     /// CURVE settings, for a broker that requires them.
     #[command(flatten)]
     pub curve: CurveArgs,
@@ -102,6 +106,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         timeout: args.timeout,
         verify: !args.no_verify,
         raw: args.raw,
+        first_frame: args.first_frame.as_ref().map(|f| f.as_bytes().to_vec()),
         security,
     };
     let report = match load::run(&plan) {

@@ -44,6 +44,9 @@ pub struct Plan {
     pub verify: bool,
     /// The server replies without a status frame (a bare echo, e.g. a REP socket).
     pub raw: bool,
+    /// A frame sent ahead of each body (e.g. the milliseconds for the `sleep` handler);
+    /// an echo must return it too.
+    pub first_frame: Option<Vec<u8>>,
     /// How the sockets authenticate.
     pub security: Security,
 }
@@ -253,6 +256,7 @@ pub fn run(plan: &Plan) -> Result<Report, Error> {
             timeout: plan.timeout,
             verify: plan.verify,
             raw: plan.raw,
+            first_frame: plan.first_frame.clone(),
             template: body_template(plan.size, t),
         };
         handles.push(
@@ -321,6 +325,7 @@ struct Driver {
     timeout: Duration,
     verify: bool,
     raw: bool,
+    first_frame: Option<Vec<u8>>,
     template: Vec<u8>,
 }
 
@@ -464,11 +469,16 @@ impl Driver {
                 let seq = client.seq.wrapping_add(1);
                 let id = (u64::from(slot) << 32 | u64::from(seq)).to_be_bytes();
                 self.template[..8].copy_from_slice(&id);
-                let sent = client
-                    .socket
-                    .send(&id[..], zmq::DONTWAIT | zmq::SNDMORE)
-                    .and_then(|()| client.socket.send("", zmq::DONTWAIT | zmq::SNDMORE))
-                    .and_then(|()| client.socket.send(&self.template[..], zmq::DONTWAIT));
+                let socket = &client.socket;
+                let more = zmq::DONTWAIT | zmq::SNDMORE;
+                let sent = socket
+                    .send(&id[..], more)
+                    .and_then(|()| socket.send("", more))
+                    .and_then(|()| match &self.first_frame {
+                        Some(first) => socket.send(&first[..], more),
+                        None => Ok(()),
+                    })
+                    .and_then(|()| socket.send(&self.template[..], zmq::DONTWAIT));
                 match sent {
                     Ok(()) => {}
                     // Not connected yet (ZMQ_IMMEDIATE): the first frame is refused whole.
@@ -522,8 +532,9 @@ impl Driver {
             }
         };
         if self.verify {
-            let echo = match body {
-                [echo] => echo,
+            let echo = match (body, &self.first_frame) {
+                ([echo], None) => echo,
+                ([first, echo], Some(sent)) if first[..] == sent[..] => echo,
                 _ => return Some(Checked::Mismatch),
             };
             if !same_but_id(echo, &self.template, &id) {

@@ -339,3 +339,41 @@ fn jitter(base: Duration) -> Duration {
     let spread = base.as_micros() as u64 / 4;
     base + Duration::from_micros(if spread == 0 { 0 } else { nanos % spread })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that answers with someone else's id first (a late reply to an earlier attempt,
+    /// as a proxy that kept the connection could deliver it), then with the right one.
+    #[test]
+    fn a_reply_with_another_id_is_discarded_and_counted() {
+        let ctx = zmq::Context::new();
+        let peer = ctx.socket(zmq::ROUTER).expect("router");
+        peer.bind("tcp://127.0.0.1:0").expect("bind");
+        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        let server = std::thread::spawn(move || {
+            let request = peer.recv_multipart(0).expect("request");
+            assert_eq!(request.len(), 4, "[routing id, request id, \"\", body]");
+            let (routing, id, body) = (&request[0], &request[1], &request[3]);
+            let mut old = id.clone();
+            old[7] ^= 1;
+            for reply_id in [&old, id] {
+                let frames: [&[u8]; 5] = [routing, reply_id, b"", b"OK", body];
+                peer.send_multipart(frames, 0).expect("reply");
+            }
+        });
+        let policy = RetryPolicy {
+            timeout: Duration::from_secs(5),
+            retries: 0,
+            ..RetryPolicy::default()
+        };
+        let mut client = Client::new(&[endpoint], policy).expect("client");
+        assert_eq!(
+            client.request(&[b"mine"]).expect("reply"),
+            [b"mine".to_vec()]
+        );
+        server.join().expect("peer");
+        assert_eq!((client.stats().stale, client.stats().ok), (1, 1));
+    }
+}
