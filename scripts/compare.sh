@@ -8,6 +8,10 @@
 #   c-proxy            benches/c/proxy.c: ROUTER -> zmq_proxy -> inproc DEALER -> 2 REP workers
 #   router-echo        benches/c/router_echo.c: one ROUTER echoing on one thread (no hop)
 #   pyzmq-talk         scripts/talk_server.py: one pyzmq REP socket (client runs --raw)
+#   broker-curve       the broker with --curve-secret-key-file (CURVE on the front socket)
+#   c-proxy-curve      the C proxy with its front a CURVE server: libzmq's own cost of CURVE
+# (the -curve servers run in the throughput and latency cases; keys come from pyzmq, and the
+# C client connects with --curve-*-key; CURVE=0 leaves them out)
 # Cases: throughput 16x16x64 B (server CPU 1, client CPU 0), latency 1x1x64 B (both CPU 0),
 # large 4x4x64 KiB (server CPU 1, client CPU 0). Runs are interleaved: every round visits
 # every case and server (in a rotated order), so slow drift of the machine hits all alike.
@@ -61,6 +65,15 @@ if [[ ! -x $PY ]] || ! "$PY" -c 'import zmq' 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check pyzmq
 fi
+CURVE=${CURVE:-1}
+KEYS=$(mktemp -d)
+if [[ $CURVE == 1 ]]; then
+  # Server and client key pairs (Z85), made by pyzmq: nothing of the broker's is involved.
+  read -r SERVER_PUBLIC SERVER_SECRET CLIENT_PUBLIC CLIENT_SECRET < <("$PY" -c '
+import zmq
+print(*(k.decode() for _ in range(2) for k in zmq.curve_keypair()))')
+  printf 'secret-key = "%s"\n' "$SERVER_SECRET" >"$KEYS/server.key"
+fi
 
 # ---- servers -------------------------------------------------------------------------
 SERVER_PID=
@@ -70,6 +83,7 @@ SERVER_RC=
 cleanup() {
   [[ -n $SAMPLER_PID ]] && kill "$SAMPLER_PID" 2>/dev/null
   stop_server
+  rm -rf "$KEYS"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -116,14 +130,17 @@ start_server() {
   local name=$1 cpu=$2 admin=
   ENDPOINT=tcp://127.0.0.1:$(free_port)
   case $name in
-    broker | broker-no-metrics)
+    broker | broker-no-metrics | broker-curve)
       admin=127.0.0.1:$(free_port)
       SERVER_ARGV=(taskset -c "$cpu" "$BIN" --workers 2 --frontend "$ENDPOINT" --admin "$admin")
       # shellcheck disable=SC2206 # BROKER_ARGS is a list of flags, split on purpose
       [[ -n $BROKER_ARGS ]] && SERVER_ARGV+=($BROKER_ARGS)
       [[ $name == broker-no-metrics ]] && SERVER_ARGV=(env BROKER_NO_METRICS=true "${SERVER_ARGV[@]}")
+      [[ $name == broker-curve ]] && SERVER_ARGV+=(--curve-secret-key-file "$KEYS/server.key")
       ;;
     c-proxy) SERVER_ARGV=("$CB/proxy" --endpoint "$ENDPOINT" --workers 2 --cpu "$cpu") ;;
+    c-proxy-curve) SERVER_ARGV=("$CB/proxy" --endpoint "$ENDPOINT" --workers 2 --cpu "$cpu"
+      --curve-secret-key "$SERVER_SECRET") ;;
     router-echo) SERVER_ARGV=("$CB/router_echo" --endpoint "$ENDPOINT" --cpu "$cpu") ;;
     pyzmq-talk) SERVER_ARGV=(taskset -c "$cpu" "$PY" scripts/talk_server.py "$ENDPOINT") ;;
   esac
@@ -187,6 +204,10 @@ declare -A CASE=(
   [large]="1 0 4 4 65536 broker c-proxy router-echo"
 )
 CASES=(throughput latency large)
+if [[ $CURVE == 1 ]]; then
+  CASE[throughput]+=" broker-curve c-proxy-curve"
+  CASE[latency]+=" broker-curve c-proxy-curve"
+fi
 CLK_TCK=$(getconf CLK_TCK)
 
 # run_one ROUND CASE SERVER
@@ -217,6 +238,8 @@ run_one() {
     client_argv=("$CB/loadgen" --endpoint "$ENDPOINT" --clients "$clients" --window "$window"
       --size "$size" --duration "$SECS" --warmup "$WARMUP" --threads "$C_THREADS" --cpu "$ccpu")
     [[ $server == pyzmq-talk ]] && client_argv+=(--raw)
+    [[ $server == *-curve ]] && client_argv+=(--curve-server-key "$SERVER_PUBLIC"
+      --curve-public-key "$CLIENT_PUBLIC" --curve-secret-key "$CLIENT_SECRET")
     cpufile=$(mktemp)
     sample_server_cpu "$cpufile"
     out=$("${client_argv[@]}" 2>>"$LOG") || crc=$?
@@ -255,11 +278,12 @@ done
   echo
 } >"$MD"
 set +e
-python3 - "$JSONL" "$BROKER_OK" >>"$MD" <<'EOF'
+python3 - "$JSONL" "$BROKER_OK" "$CURVE" >>"$MD" <<'EOF'
 import json, statistics, sys
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 broker_ok = sys.argv[2] == "1"
+curve = ["broker-curve", "c-proxy-curve"] if sys.argv[3] == "1" else []
 failed = []  # (case, server, why) that make the exit status 1
 
 
@@ -310,9 +334,9 @@ def summary(case, server):
 
 CASES = {
     "throughput": ("Throughput: 16 clients x 16 window x 64 B, server CPU 1, client CPU 0",
-                   ["broker", "broker-no-metrics", "c-proxy", "router-echo", "pyzmq-talk"]),
+                   ["broker", "broker-no-metrics", "c-proxy", "router-echo", "pyzmq-talk"] + curve),
     "latency": ("Latency: 1 client x 1 window x 64 B, server and client both on CPU 0",
-                ["broker", "c-proxy", "router-echo", "pyzmq-talk"]),
+                ["broker", "c-proxy", "router-echo", "pyzmq-talk"] + curve),
     "large": ("Large: 4 clients x 4 window x 65536 B, server CPU 1, client CPU 0",
               ["broker", "c-proxy", "router-echo"]),
 }
@@ -398,6 +422,12 @@ bm = S.get(("throughput", "broker"), {}).get("rps")
 bn = S.get(("throughput", "broker-no-metrics"), {}).get("rps")
 cost = (1 - bm / bn) * 100 if bm is not None and bn else None
 print(f"    metrics cost = {fmt(cost, '{:.1f}')} % (1 - broker/broker-no-metrics)")
+if curve:
+    for plain in ("broker", "c-proxy"):
+        t = ratio(S.get(("throughput", plain + "-curve"), {}).get("rps"), S.get(("throughput", plain), {}).get("rps"))
+        l = ratio(S.get(("latency", plain + "-curve"), {}).get("p50"), S.get(("latency", plain), {}).get("p50"))
+        print(f"    CURVE cost, {plain}: throughput x{fmt(t, '{:.2f}')}, p50 latency x{fmt(l, '{:.2f}')} "
+              f"({plain}-curve / {plain})")
 for (case, server), s in sorted(S.items()):
     if s.get("bad_exit"):
         print(f"    note: {server} ({case}) exited with {s['bad_exit']} after SIGTERM")

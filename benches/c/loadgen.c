@@ -8,6 +8,7 @@
  *
  *   loadgen --endpoint tcp://127.0.0.1:5555 --clients 16 --window 16 --size 64 \
  *           --duration 5 --warmup 1 --threads 2 --cpu 0 [--raw] [--drain 2]
+ *           [--curve-server-key Z85 --curve-public-key Z85 --curve-secret-key Z85]
  *
  * Clients are spread over --threads loop threads, each with its own libzmq context (one
  * I/O thread) and its own epoll loop. Throughput counts OK replies received in the measured
@@ -140,9 +141,12 @@ typedef struct {
     size_t size;
     double duration, warmup, drain;
     const char *cpu;
+    /* CURVE (Z85 text): the server's public key and this client's pair; all or none. */
+    const char *curve_server, *curve_public, *curve_secret;
 } config_t;
 
-static config_t cfg = {"tcp://127.0.0.1:5555", 16, 16, 1, 0, 64, 5.0, 1.0, 2.0, NULL};
+static config_t cfg = {"tcp://127.0.0.1:5555", 16, 16, 1, 0, 64, 5.0, 1.0, 2.0, NULL,
+                       NULL, NULL, NULL};
 
 /* Time bounds shared by all threads, fixed before they start. */
 static uint64_t t_start, t_warm, t_end, t_drain_end;
@@ -526,7 +530,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: loadgen [--endpoint E] [--clients N] [--window W] [--size BYTES]\n"
             "               [--duration S] [--warmup S] [--drain S] [--threads T]\n"
-            "               [--cpu LIST] [--raw]\n");
+            "               [--cpu LIST] [--raw]\n"
+            "               [--curve-server-key Z85 --curve-public-key Z85 --curve-secret-key Z85]\n");
     exit(2);
 }
 
@@ -588,6 +593,12 @@ static void parse_args(int argc, char **argv)
             cfg.threads = (int)num_arg(v);
         else if (!strcmp(a, "--cpu"))
             cfg.cpu = v;
+        else if (!strcmp(a, "--curve-server-key"))
+            cfg.curve_server = v;
+        else if (!strcmp(a, "--curve-public-key"))
+            cfg.curve_public = v;
+        else if (!strcmp(a, "--curve-secret-key"))
+            cfg.curve_secret = v;
         else
             usage();
     }
@@ -596,6 +607,9 @@ static void parse_args(int argc, char **argv)
         usage();
     if (cfg.threads > cfg.clients)
         cfg.threads = cfg.clients;
+    int curve = !!cfg.curve_server + !!cfg.curve_public + !!cfg.curve_secret;
+    if (curve != 0 && curve != 3)
+        usage();
 }
 
 int main(int argc, char **argv)
@@ -649,6 +663,13 @@ int main(int argc, char **argv)
         zmq_setsockopt(c->sock, ZMQ_RECONNECT_IVL, &ivl, sizeof ivl);
         zmq_setsockopt(c->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
         zmq_setsockopt(c->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
+        if (cfg.curve_server &&
+            (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, cfg.curve_server, 40) != 0 ||
+             zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, cfg.curve_public, 40) != 0 ||
+             zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, cfg.curve_secret, 40) != 0)) {
+            fprintf(stderr, "loadgen: CURVE keys: %s\n", zmq_strerror(errno));
+            return 2;
+        }
         if (zmq_connect(c->sock, cfg.endpoint) != 0) {
             fprintf(stderr, "loadgen: connect %s: %s\n", cfg.endpoint, zmq_strerror(errno));
             return 2;

@@ -5,6 +5,7 @@
  * by the library itself.
  *
  *   proxy --endpoint tcp://127.0.0.1:5555 [--workers 2] [--cpu N] [--io-threads N]
+ *         [--curve-secret-key Z85]   (the front as a CURVE server, any client key accepted)
  * Runs until SIGTERM or SIGINT, then exits 0.
  */
 #define _GNU_SOURCE
@@ -23,7 +24,8 @@
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: proxy --endpoint E [--workers N] [--cpu LIST] [--io-threads N]\n");
+            "usage: proxy --endpoint E [--workers N] [--cpu LIST] [--io-threads N]\n"
+            "             [--curve-secret-key Z85]\n");
     exit(2);
 }
 
@@ -100,7 +102,7 @@ static void *signal_thread(void *arg)
 
 int main(int argc, char **argv)
 {
-    const char *endpoint = NULL, *cpu = NULL;
+    const char *endpoint = NULL, *cpu = NULL, *curve_secret = NULL;
     int workers = 2, io_threads = 1;
     for (int i = 1; i < argc; i += 2) {
         if (i + 1 >= argc)
@@ -113,6 +115,8 @@ int main(int argc, char **argv)
             workers = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--io-threads"))
             io_threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--curve-secret-key"))
+            curve_secret = argv[i + 1];
         else
             usage();
     }
@@ -136,6 +140,12 @@ int main(int argc, char **argv)
     int zero = 0;
     zmq_setsockopt(front, ZMQ_LINGER, &zero, sizeof zero);
     zmq_setsockopt(back, ZMQ_LINGER, &zero, sizeof zero);
+    int one = 1;
+    if (curve_secret && (zmq_setsockopt(front, ZMQ_CURVE_SERVER, &one, sizeof one) != 0 ||
+                         zmq_setsockopt(front, ZMQ_CURVE_SECRETKEY, curve_secret, 40) != 0)) {
+        fprintf(stderr, "proxy: CURVE key: %s\n", zmq_strerror(errno));
+        return 2;
+    }
     if (zmq_bind(front, endpoint) != 0 || zmq_bind(back, BACKEND) != 0) {
         fprintf(stderr, "proxy: bind %s: %s\n", endpoint, zmq_strerror(errno));
         return 2;

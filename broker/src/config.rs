@@ -5,12 +5,16 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 use log::LevelFilter;
+use shared::curve::{self, Key, SecretKey};
 use shared::logging::LogFormat;
 use shared::parse::{bounded_duration, count};
+
+use crate::access::AllowKeys;
 
 /// Defaults and limits, named once; the README's configuration table mirrors them.
 pub mod defaults {
@@ -217,6 +221,14 @@ pub struct ServeArgs {
     /// the env var). Unset: accept all (use a NetworkPolicy).
     #[arg(long = "allow-from", env = "BROKER_ALLOW_FROM", value_delimiter = ',')]
     pub allow_from: Vec<ipnet::IpNet>,
+    /// The front socket's CURVE secret key (a `broker keygen` file, or one Z85 key): clients
+    /// must connect with CURVE and the matching public key; plaintext clients are refused.
+    #[arg(long, env = "BROKER_CURVE_SECRET_KEY_FILE")]
+    pub curve_secret_key_file: Option<PathBuf>,
+    /// Client public keys allowed to connect (Z85, one a line, # comments), re-read when the
+    /// file changes. Needs --curve-secret-key-file. Unset: any CURVE client is accepted.
+    #[arg(long, env = "BROKER_CURVE_ALLOW_KEYS")]
+    pub curve_allow_keys: Option<PathBuf>,
     /// Skip per-request metric updates (only to measure their cost; breaks autoscaling).
     #[arg(long, env = "BROKER_NO_METRICS", hide = true)]
     pub no_metrics: bool,
@@ -344,6 +356,14 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// A CURVE setting that cannot be used.
+    #[error("invalid value for {flag}: {why}")]
+    Curve {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        why: String,
+    },
     /// The CPU count could not be read and --workers was not given.
     #[error("cannot tell how many CPUs this process may use ({0}); set --workers")]
     NoParallelism(String),
@@ -400,6 +420,53 @@ pub struct Config {
     pub metrics: bool,
     /// Networks allowed to connect to the front socket; empty allows all.
     pub allow_from: Vec<ipnet::IpNet>,
+    /// CURVE on the front socket, if set.
+    pub curve: Option<Curve>,
+}
+
+/// The front socket as a CURVE server.
+#[derive(Clone, Debug)]
+pub struct Curve {
+    /// The server's secret key.
+    pub secret: SecretKey,
+    /// Its public key, which clients need.
+    pub public: Key,
+    /// The client keys allowed, if restricted.
+    pub allow_keys: Option<AllowKeys>,
+}
+
+impl Curve {
+    /// Reads and checks the CURVE flags.
+    fn from_args(
+        secret_file: Option<PathBuf>,
+        allow_file: Option<PathBuf>,
+    ) -> Result<Option<Curve>, ConfigError> {
+        const SECRET: &str = "--curve-secret-key-file";
+        const ALLOW: &str = "--curve-allow-keys";
+        let bad = |flag, why: String| ConfigError::Curve { flag, why };
+        let Some(secret_file) = secret_file else {
+            return match allow_file {
+                Some(_) => Err(bad(ALLOW, format!("needs {SECRET}"))),
+                None => Ok(None),
+            };
+        };
+        if zmq::has("curve") != Some(true) {
+            return Err(bad(SECRET, "this libzmq was built without CURVE".into()));
+        }
+        let secret =
+            curve::read_key_file(&secret_file, "secret").map_err(|e| bad(SECRET, e.to_string()))?;
+        let public = crate::sys::curve_public(&secret)
+            .ok_or_else(|| bad(SECRET, "libzmq cannot derive its public key".into()))?;
+        let allow_keys = allow_file
+            .map(|path| AllowKeys::load(&path))
+            .transpose()
+            .map_err(|e| bad(ALLOW, e.to_string()))?;
+        Ok(Some(Curve {
+            secret: SecretKey(secret),
+            public,
+            allow_keys,
+        }))
+    }
 }
 
 impl Config {
@@ -457,8 +524,10 @@ impl Config {
             Some(limit) => Some(limit),
             None => cgroup_memory_limit(),
         };
+        let curve = Curve::from_args(args.curve_secret_key_file, args.curve_allow_keys)?;
         let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         Ok(Config {
+            curve,
             max_inflight: args.max_inflight,
             max_inflight_bytes: as_usize(args.max_inflight_bytes),
             workers,

@@ -44,16 +44,21 @@ pub enum ResetReason {
     Budget = 4,
     /// Among the largest holders while the process was near its memory limit.
     Memory = 5,
+    /// Its CURVE key was removed from `--curve-allow-keys`.
+    Revoked = 6,
 }
 
 impl ResetReason {
     /// Every reason a connection is reset (not refused), for metric labels.
-    pub const RESETS: [ResetReason; 4] = [
+    pub const RESETS: [ResetReason; 5] = [
         ResetReason::Oversized,
         ResetReason::Stalled,
         ResetReason::Budget,
         ResetReason::Memory,
+        ResetReason::Revoked,
     ];
+    /// One more than the largest discriminant: the size of a per-reason tally.
+    pub const SLOTS: usize = 7;
 
     /// The metric label and log word.
     pub const fn as_str(self) -> &'static str {
@@ -63,6 +68,7 @@ impl ResetReason {
             ResetReason::Stalled => "stalled",
             ResetReason::Budget => "budget",
             ResetReason::Memory => "memory",
+            ResetReason::Revoked => "revoked",
         }
     }
 
@@ -73,6 +79,7 @@ impl ResetReason {
             3 => Some(ResetReason::Stalled),
             4 => Some(ResetReason::Budget),
             5 => Some(ResetReason::Memory),
+            6 => Some(ResetReason::Revoked),
             _ => None,
         }
     }
@@ -225,8 +232,13 @@ pub enum Accepted {
 /// What the table knows of the connection a request came through.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Attribution {
-    /// A served connection, by id.
-    Tracked(u64),
+    /// A served connection, by id; `first` for its first request.
+    Tracked {
+        /// The connection's serial number.
+        id: u64,
+        /// This is the first request read from it.
+        first: bool,
+    },
     /// Over `--max-connections` and being closed: the request is not served.
     Refused,
     /// Not tracked (an ipc:// connection, or one whose events were lost).
@@ -251,6 +263,8 @@ struct Tracked {
     conn: Arc<Conn>,
     pending: VecDeque<u64>,
     first_request_seen: bool,
+    /// Its CURVE client key, learnt from its first request (with `--curve-allow-keys`).
+    key: Option<shared::curve::Key>,
 }
 
 /// At most this many reply offsets are kept per connection before a measurement trims them.
@@ -332,6 +346,7 @@ impl Table {
             conn,
             pending: VecDeque::new(),
             first_request_seen: false,
+            key: None,
         });
         verdict
     }
@@ -372,14 +387,41 @@ impl Table {
         if conn.refused() {
             return Attribution::Refused;
         }
-        if !tracked.first_request_seen {
+        let first = !tracked.first_request_seen;
+        if first {
             tracked.first_request_seen = true;
             // The peer acknowledged our greeting and READY before it could send a request.
             if let Ok(counters) = conn.measure() {
                 conn.handshake_out.store(counters.acked, Ordering::Relaxed);
             }
         }
-        Attribution::Tracked(conn.id)
+        Attribution::Tracked { id: conn.id, first }
+    }
+
+    /// Records the CURVE key connection `zmq_fd` authenticated with.
+    pub fn set_key(&mut self, zmq_fd: RawFd, key: shared::curve::Key) {
+        if let Some(tracked) = self.get_mut(zmq_fd) {
+            tracked.key = Some(key);
+        }
+    }
+
+    /// Resets connection `zmq_fd` for `reason`; true if this call reset it.
+    pub fn reset(&mut self, zmq_fd: RawFd, reason: ResetReason) -> bool {
+        self.get_mut(zmq_fd)
+            .is_some_and(|tracked| tracked.conn.reset(reason))
+    }
+
+    /// Resets every connection whose CURVE key `allowed` refuses; returns how many.
+    pub fn revoke(&mut self, allowed: impl Fn(&shared::curve::Key) -> bool) -> u64 {
+        let mut revoked = 0;
+        for tracked in self.by_fd.iter().flatten() {
+            if tracked.key.as_ref().is_some_and(|key| !allowed(key))
+                && tracked.conn.reset(ResetReason::Revoked)
+            {
+                revoked += 1;
+            }
+        }
+        revoked
     }
 
     /// Outbound bytes held for connection `id` on `zmq_fd`, measured now if the recorded
@@ -511,8 +553,8 @@ mod tests {
         client.write_all(&[0u8; 3000]).expect("write");
         let mut buf = vec![0u8; 3000];
         server.read_exact(&mut buf).expect("read");
-        let Attribution::Tracked(id) = table.request_read(fd, 1000) else {
-            panic!("tracked");
+        let Attribution::Tracked { id, first: true } = table.request_read(fd, 1000) else {
+            panic!("tracked, first request");
         };
         let conn = registry_conn(&table, fd);
         conn.measure().expect("measure");

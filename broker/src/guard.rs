@@ -190,7 +190,7 @@ impl Scanner {
     /// resident memory), also resets the largest holders.
     fn scan(&mut self, now: Instant, pressure: Option<u64>) {
         let conns = self.registry.snapshot();
-        let mut resets = [0u64; 6];
+        let mut resets = [0u64; ResetReason::SLOTS];
         // (inbound held, both directions held, connection)
         let mut holders: Vec<(u64, u64, &Arc<Conn>)> = Vec::with_capacity(conns.len());
         let (mut total_in, mut total_out) = (0u64, 0u64);
@@ -278,7 +278,7 @@ impl Scanner {
         self.report(&resets);
     }
 
-    fn report(&self, resets: &[u64; 6]) {
+    fn report(&self, resets: &[u64; ResetReason::SLOTS]) {
         let mut parts = Vec::new();
         for reason in ResetReason::RESETS {
             let n = resets[reason as usize];

@@ -19,6 +19,9 @@ use shared::Metrics;
 use worker::handlers::{Cpu, Echo, Sleep};
 use worker::{Activity, Handler, MakeHandler, Pool, Worker};
 
+/// The retrying client, `broker probe` and `broker bench` (the `tools` feature).
+#[cfg(feature = "tools")]
+pub use client;
 pub use config::Config;
 pub use coordinator::Exit;
 pub use lifecycle::{State, Status};
@@ -212,19 +215,35 @@ impl Broker {
         let front_ctx = zmq::Context::new();
         // The ZAP handler is bound before the front socket, so no connection is accepted
         // unchecked.
-        let zap = if config.allow_from.is_empty() {
-            None
-        } else {
+        let policy = access::Policy {
+            networks: (!config.allow_from.is_empty())
+                .then(|| access::Allowlist::new(config.allow_from.clone())),
+            keys: config.curve.as_ref().and_then(|c| c.allow_keys.clone()),
+        };
+        if !config.allow_from.is_empty() {
             log::info!(
                 "accepting front connections only from {:?}",
                 config.allow_from
             );
-            let allow = access::Allowlist::new(config.allow_from.clone());
+        }
+        if let Some(curve) = &config.curve {
+            log::info!(
+                "CURVE on the front socket, public key {}; {}",
+                shared::curve::encode_key(&curve.public),
+                curve.allow_keys.as_ref().map_or(
+                    "any client key accepted".to_owned(),
+                    |keys| format!("{} client keys allowed", keys.len())
+                )
+            );
+        }
+        let zap = if policy.checks() {
             Some(access::ZapHandler::bind(
                 &front_ctx,
-                allow,
+                policy,
                 Arc::clone(&metrics),
             )?)
+        } else {
+            None
         };
         let (front, monitor) = front_sockets(&front_ctx, config, zap.is_some())?;
         let registry = Arc::new(conns::Registry::default());
@@ -369,6 +388,13 @@ fn front_sockets(
     // Notice clients that vanished without a FIN (a node died) instead of holding their pipes.
     socket.set_tcp_keepalive(1).map_err(socket_error)?;
     socket.set_tcp_keepalive_idle(60).map_err(socket_error)?;
+    if let Some(curve) = &config.curve {
+        // A CURVE server refuses every other mechanism: plaintext clients fail the handshake.
+        socket.set_curve_server(true).map_err(socket_error)?;
+        socket
+            .set_curve_secretkey(&curve.secret.0)
+            .map_err(socket_error)?;
+    }
     if zap {
         // With a domain set, libzmq asks the ZAP handler about every connection (NULL
         // mechanism included) and drops those it refuses.
@@ -376,8 +402,11 @@ fn front_sockets(
             .set_zap_domain(access::ZAP_DOMAIN)
             .map_err(socket_error)?;
     }
-    // The monitor is attached before the bind, so no connection goes unseen.
-    let events = zmq::SocketEvent::ACCEPTED as i32 | zmq::SocketEvent::DISCONNECTED as i32;
+    // The monitor is attached before the bind, so no connection goes unseen. Handshakes
+    // that fail (wrong server key, plaintext client) are counted as refusals.
+    let events = zmq::SocketEvent::ACCEPTED as i32
+        | zmq::SocketEvent::DISCONNECTED as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32;
     socket
         .monitor(FRONT_MONITOR, events)
         .map_err(socket_error)?;

@@ -1,6 +1,7 @@
-//! The few operating-system calls that neither std nor nix offers safely, kept in one place so
-//! the rest of the crate stays `unsafe`-free: duplicating libzmq's connection sockets, reading
-//! `TCP_INFO` (the byte counters the memory bounds are built on), and tuning glibc's allocator.
+//! The few operating-system and libzmq calls that neither std, nix nor the zmq crate offers
+//! safely, kept in one place so the rest of the crate stays `unsafe`-free: duplicating
+//! libzmq's connection sockets, reading `TCP_INFO` (the byte counters the memory bounds are
+//! built on), tuning glibc's allocator, and deriving a CURVE public key.
 
 #![allow(unsafe_code)]
 
@@ -229,6 +230,25 @@ pub fn trim_malloc() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+extern "C" {
+    // libzmq (4.2+): derives a CURVE public key from a secret one, both Z85 with a NUL.
+    fn zmq_curve_public(z85_public: *mut libc::c_char, z85_secret: *const libc::c_char) -> i32;
+}
+
+/// The public key of a CURVE secret key, so the broker can log the key clients need.
+pub fn curve_public(secret: &shared::curve::Key) -> Option<shared::curve::Key> {
+    let secret = std::ffi::CString::new(shared::curve::encode_key(secret)).ok()?;
+    let mut public = [0 as libc::c_char; 41];
+    // SAFETY: both buffers are 41 bytes (40 Z85 characters and a NUL) as libzmq requires;
+    // `secret` is NUL-terminated and outlives the call, which only reads it.
+    let rc = unsafe { zmq_curve_public(public.as_mut_ptr(), secret.as_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    let text: Vec<u8> = public[..40].iter().map(|&c| c as u8).collect();
+    shared::curve::decode_key(std::str::from_utf8(&text).ok()?, "public").ok()
 }
 
 #[cfg(test)]

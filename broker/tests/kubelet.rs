@@ -25,8 +25,15 @@ use shared::ErrorCode;
 
 #[derive(Debug)]
 enum Action {
-    Http { path: String, port: u16 },
-    Exec(Vec<String>),
+    Http {
+        path: String,
+        port: u16,
+    },
+    /// The command, run with the container's environment (as the kubelet's exec does).
+    Exec {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    },
 }
 
 /// A probe as declared, with its port remapped to where the test runs the binary.
@@ -40,7 +47,12 @@ struct Probe {
 }
 
 impl Probe {
-    fn parse(spec: &Value, ports: &HashMap<String, u16>, remap: &HashMap<u16, u16>) -> Probe {
+    fn parse(
+        spec: &Value,
+        ports: &HashMap<String, u16>,
+        remap: &HashMap<u16, u16>,
+        env: &HashMap<String, String>,
+    ) -> Probe {
         let action = if let Some(http) = spec.get("httpGet") {
             let port = match &http["port"] {
                 Value::String(name) => *ports
@@ -72,7 +84,10 @@ impl Probe {
                     *arg = arg.replace(&format!(":{from}"), &format!(":{to}"));
                 }
             }
-            Action::Exec(argv)
+            Action::Exec {
+                argv,
+                env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            }
         } else {
             panic!("unsupported probe {spec:?}")
         };
@@ -89,9 +104,11 @@ impl Probe {
     fn run(&self) -> bool {
         match &self.action {
             Action::Http { path, port } => http_ok(*port, path, self.timeout),
-            Action::Exec(argv) => {
+            Action::Exec { argv, env } => {
                 let mut child = Command::new(&argv[0])
                     .args(&argv[1..])
+                    .env_clear()
+                    .envs(env.iter().map(|(k, v)| (k, v)))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
@@ -187,9 +204,9 @@ fn production_deployment_contract_holds_for_the_real_binary() {
         format!("tcp://127.0.0.1:{zmq_host}"),
     );
     env.insert("BROKER_ADMIN".into(), format!("127.0.0.1:{admin_host}"));
-    let startup = Probe::parse(&container["startupProbe"], &ports, &remap);
-    let readiness = Probe::parse(&container["readinessProbe"], &ports, &remap);
-    let liveness = Probe::parse(&container["livenessProbe"], &ports, &remap);
+    let startup = Probe::parse(&container["startupProbe"], &ports, &remap, &env);
+    let readiness = Probe::parse(&container["readinessProbe"], &ports, &remap, &env);
+    let liveness = Probe::parse(&container["livenessProbe"], &ports, &remap, &env);
     assert_eq!(
         readiness.failure_threshold, 1,
         "one failed readiness probe removes the endpoint"
@@ -319,4 +336,174 @@ fn production_deployment_contract_holds_for_the_real_binary() {
         "SIGTERM to exit {took:?} (grace {grace:?}); {sent} requests, {} OK after SIGTERM",
         ok_after_term.load(Ordering::Relaxed)
     );
+}
+
+/// The CURVE overlay as a kubelet would run it: the Secret's keys projected as files where the
+/// volume is mounted, the env pointing into them, the startup probe (with the container's env)
+/// passing over CURVE, an application key served and a plaintext client refused. The example
+/// Secret itself must not start a broker: its values are not keys.
+#[test]
+fn production_curve_pod_starts_from_its_secret_and_refuses_plaintext() {
+    use client::security::SecretKey;
+    use shared::curve::encode_key;
+
+    const OVERLAY: &str = "production-curve";
+    let pod = common::deploy::pod(OVERLAY);
+    let objects = common::deploy::rendered(OVERLAY);
+    let secret = objects
+        .iter()
+        .find(|o| o["kind"] == "Secret")
+        .expect("the example Secret is rendered");
+    let volume = pod.spec["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["secret"].is_mapping())
+        .expect("a Secret volume");
+    assert_eq!(volume["secret"]["secretName"], secret["metadata"]["name"]);
+    let mount = pod.container["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the Secret volume is mounted");
+    assert_eq!(mount["readOnly"], true);
+    // With subPath the kubelet never updates the file: keys could not rotate.
+    assert!(
+        mount.get("subPath").is_none(),
+        "mounted whole, so updates reach it"
+    );
+    let mount_path = mount["mountPath"].as_str().expect("mountPath");
+    let files: Vec<String> = secret["stringData"]
+        .as_mapping()
+        .expect("stringData")
+        .keys()
+        .map(|k| k.as_str().expect("key").to_owned())
+        .collect();
+
+    // Where the test projects the Secret, and the env remapped to it. Every file the env
+    // names must be a key of the Secret.
+    let dir = std::env::temp_dir().join(format!("broker-kubelet-curve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut env = pod.env.clone();
+    for (name, value) in env.iter_mut() {
+        if let Some(file) = value.strip_prefix(&format!("{mount_path}/")) {
+            assert!(
+                files.iter().any(|f| f == file),
+                "{name} names {file}, not in the Secret"
+            );
+            *value = dir.join(file).to_str().expect("path").to_owned();
+        }
+    }
+    for needed in [
+        "BROKER_CURVE_SECRET_KEY_FILE",
+        "BROKER_CURVE_ALLOW_KEYS",
+        "BROKER_CURVE_KEY_FILE",
+    ] {
+        assert!(
+            env[needed].starts_with(dir.to_str().expect("path")),
+            "{needed} in the Secret"
+        );
+    }
+    let (zmq_host, admin_host) = (free_port(), free_port());
+    let remap = HashMap::from([
+        (pod.ports["zmq"], zmq_host),
+        (pod.ports["admin"], admin_host),
+    ]);
+    env.insert(
+        "BROKER_FRONTEND".into(),
+        format!("tcp://127.0.0.1:{zmq_host}"),
+    );
+    env.insert("BROKER_ADMIN".into(), format!("127.0.0.1:{admin_host}"));
+    let env_pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let project = |values: &dyn Fn(&str) -> String| {
+        for file in &files {
+            std::fs::write(dir.join(file), values(file)).expect("project");
+        }
+    };
+
+    // The example as shipped: exit 2, naming the flag, before anything binds.
+    project(&|file| {
+        secret["stringData"][file]
+            .as_str()
+            .expect("text")
+            .to_owned()
+    });
+    let mut example = Broker::spawn_exact(&[], &env_pairs, zmq_host, admin_host);
+    assert_eq!(
+        example.wait_exit(EVENT_TIMEOUT).code(),
+        Some(2),
+        "{}",
+        example.stderr_text()
+    );
+    assert!(example.stderr_text().contains("--curve-secret-key-file"));
+
+    // Real keys, as docs/kubernetes.md makes them.
+    let pair = || zmq::CurveKeyPair::new().expect("libzmq with CURVE");
+    let (server, probe, app) = (pair(), pair(), pair());
+    let keygen = |p: &zmq::CurveKeyPair| {
+        format!(
+            "public-key = \"{}\"\nsecret-key = \"{}\"\n",
+            encode_key(&p.public_key),
+            encode_key(&p.secret_key)
+        )
+    };
+    project(&|file| match file {
+        "server.key" => keygen(&server),
+        "server.pub" => encode_key(&server.public_key) + "\n",
+        "probe.key" => keygen(&probe),
+        "allow-keys" => format!(
+            "# probe\n{}\n# app\n{}\n",
+            encode_key(&probe.public_key),
+            encode_key(&app.public_key)
+        ),
+        other => panic!("the test does not know what {other} holds"),
+    });
+    let args: Vec<String> = pod.container["args"]
+        .as_sequence()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().expect("arg").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let broker = Broker::spawn_exact(&arg_refs, &env_pairs, zmq_host, admin_host);
+    let startup = Probe::parse(&pod.container["startupProbe"], &pod.ports, &remap, &env);
+    let mut failures = 0;
+    while !startup.run() {
+        failures += 1;
+        assert!(
+            failures < startup.failure_threshold,
+            "startup probe never passed over CURVE"
+        );
+        thread::sleep(startup.period);
+    }
+    let security = client::Security::Curve {
+        server: server.public_key,
+        public: app.public_key,
+        secret: SecretKey(app.secret_key),
+    };
+    let policy = client::RetryPolicy {
+        timeout: EVENT_TIMEOUT,
+        ..client::RetryPolicy::default()
+    };
+    let mut app_client =
+        client::Client::with_security(std::slice::from_ref(&broker.front), policy, security)
+            .expect("client");
+    assert_eq!(
+        app_client.request(&[b"hello"]).expect("served"),
+        [b"hello".to_vec()]
+    );
+    let plain = Client::dealer(&broker.front, true);
+    plain.send(&[b"plaintext"]);
+    common::eventually("plaintext refused", EVENT_TIMEOUT, || {
+        common::metric(
+            &broker,
+            "broker_connections_refused_total{reason=\"mechanism\"}",
+        ) >= 1.0
+    });
+    assert_eq!(plain.try_recv(Duration::from_millis(300)), None);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -137,6 +137,15 @@ impl Client {
         Client::with_resolver(endpoints, policy, Dns, Security::None)
     }
 
+    /// A client of `endpoints`, resolved with DNS, that connects with `security` (CURVE).
+    pub fn with_security(
+        endpoints: &[String],
+        policy: RetryPolicy,
+        security: Security,
+    ) -> Result<Client, Error> {
+        Client::with_resolver(endpoints, policy, Dns, security)
+    }
+
     /// A client that resolves `endpoints` with `resolver` and connects with `security`.
     pub fn with_resolver(
         endpoints: &[String],

@@ -58,6 +58,10 @@ pub mod names {
     pub const MEMORY_SHEDDING: &str = "broker_memory_shedding";
     /// 1 from SIGTERM on.
     pub const DRAINING: &str = "broker_draining";
+    /// Client keys in force from `--curve-allow-keys`.
+    pub const CURVE_ALLOWED_KEYS: &str = "broker_curve_allowed_keys";
+    /// Reads of a changed `--curve-allow-keys` file, by result.
+    pub const CURVE_KEY_RELOADS_TOTAL: &str = "broker_curve_key_reloads_total";
     /// Always 1, labelled with the version.
     pub const BUILD_INFO: &str = "broker_build_info";
 }
@@ -103,9 +107,22 @@ impl DropReason {
 }
 
 /// Reasons a connection is refused, pre-registered so every series exists from the start.
-pub const REFUSAL_REASONS: &[&str] = &["allowlist", "limit", "curve"];
+/// - `allowlist`: its address is outside `--allow-from`;
+/// - `limit`: `--max-connections` were open;
+/// - `client_key`: its CURVE public key is not in `--curve-allow-keys`;
+/// - `server_key`: its CURVE handshake could not be decrypted (it has the wrong server key);
+/// - `mechanism`: it did not speak CURVE to a CURVE front (a plaintext client), or the reverse;
+/// - `handshake`: any other broken handshake (malformed or out-of-order ZMTP commands).
+pub const REFUSAL_REASONS: &[&str] = &[
+    "allowlist",
+    "limit",
+    "client_key",
+    "server_key",
+    "mechanism",
+    "handshake",
+];
 /// Reasons a connection is reset (see `broker::conns::ResetReason`).
-pub const RESET_REASONS: &[&str] = &["oversized", "stalled", "budget", "memory"];
+pub const RESET_REASONS: &[&str] = &["oversized", "stalled", "budget", "memory", "revoked"];
 
 /// Every metric the broker exports, on its own registry. The hot path updates it through a
 /// per-thread [`Recorder`]; with [`Metrics::set_enabled`]`(false)` recorders do nothing (the
@@ -135,6 +152,8 @@ pub struct Metrics {
     buffered_out: IntGauge,
     shedding: IntGauge,
     draining: IntGauge,
+    allowed_keys: IntGauge,
+    key_reloads: [IntCounter; 2],
 }
 
 /// Registering metrics can fail only on a name clash, a programming error caught by tests.
@@ -193,7 +212,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     names::CONNECTIONS_REFUSED_TOTAL,
-                    "Front connections refused, by reason (allowlist, limit, curve).",
+                    "Front connections refused, by reason (allowlist, limit, client_key, server_key, mechanism, handshake).",
                 ),
                 &["reason"],
             )?,
@@ -203,7 +222,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     names::CONNECTIONS_RESET_TOTAL,
-                    "Front connections the broker closed to stay within its bounds, by reason.",
+                    "Front connections the broker closed: over a bound, or their CURVE key revoked.",
                 ),
                 &["reason"],
             )?,
@@ -222,6 +241,17 @@ impl Metrics {
                     "Bytes held for front connections in libzmq and the kernel, by direction.",
                 ),
                 &["direction"],
+            )?,
+        )?;
+        let reloads = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    names::CURVE_KEY_RELOADS_TOTAL,
+                    "Reads of a changed --curve-allow-keys file, by result (ok, error: the \
+                     previous keys stay in force).",
+                ),
+                &["result"],
             )?,
         )?;
         let metrics = Metrics {
@@ -275,6 +305,11 @@ impl Metrics {
                 "1 while new work is refused because the process is near its memory limit.",
             )?,
             draining: gauge(names::DRAINING, "1 from the first SIGTERM/SIGINT on.")?,
+            allowed_keys: gauge(
+                names::CURVE_ALLOWED_KEYS,
+                "Client public keys in force from --curve-allow-keys (0 without it).",
+            )?,
+            key_reloads: ["ok", "error"].map(|result| reloads.with_label_values(&[result])),
             registry: r,
         };
         #[cfg(target_os = "linux")]
@@ -329,6 +364,22 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or(0);
         self.dropped[index].inc_by(n);
+    }
+
+    /// The allow file was read after a change: `keys` in force, or `None` if it was refused.
+    pub fn keys_reloaded(&self, keys: Option<usize>) {
+        match keys {
+            Some(n) => {
+                self.key_reloads[0].inc();
+                self.set_allowed_keys(n);
+            }
+            None => self.key_reloads[1].inc(),
+        }
+    }
+
+    /// Client keys in force.
+    pub fn set_allowed_keys(&self, n: usize) {
+        self.allowed_keys.set(n as i64);
     }
 
     /// Pool size.

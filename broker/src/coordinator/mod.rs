@@ -27,7 +27,7 @@ use shared::{ErrorCode, Metrics};
 use worker::{Activity, Event, Job, Waker};
 use zmq::{Message, Socket};
 
-use crate::access::ZapHandler;
+use crate::access::{Refusals, ZapHandler};
 use crate::config::Config;
 use crate::conns::{self, Accepted};
 use crate::guard;
@@ -51,6 +51,13 @@ const LOOK_EVERY: Duration = Duration::from_millis(1);
 /// Shortest interval between measuring every connection's outbound bytes when the total
 /// looks over budget (each measurement is a syscall per connection).
 const MEASURE_ALL_EVERY: Duration = Duration::from_millis(10);
+
+/// How often the `--curve-allow-keys` file is checked for changes (also before every batch of
+/// handshakes), so a removed key's connections are reset within about this long.
+const KEY_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// libzmq's protocol error codes (zmq.h) behind a failed handshake that name a reason.
+const PROTOCOL_ERROR_CRYPTOGRAPHIC: u32 = 0x1100_0001;
+const PROTOCOL_ERROR_MECHANISM_MISMATCH: u32 = 0x1100_0002;
 
 /// A fatal coordinator error.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +192,8 @@ pub struct Coordinator {
     last_read: Instant,
     next_resync: Instant,
     last_measure_all: Instant,
+    next_key_check: Instant,
+    refusals: Refusals,
 }
 
 impl Coordinator {
@@ -204,6 +213,7 @@ impl Coordinator {
             clock: Clock::new(config.shutdown_delay, config.drain_timeout),
             status,
             rec: metrics.recorder(),
+            refusals: Refusals::new(Arc::clone(&metrics)),
             metrics,
             guard,
             // Turn often enough that liveness never mistakes an idle loop for a stuck one.
@@ -229,6 +239,7 @@ impl Coordinator {
             last_read: now,
             next_resync: now,
             last_measure_all: now,
+            next_key_check: now + KEY_CHECK_EVERY,
             config: config.clone(),
         }
     }
@@ -240,9 +251,7 @@ impl Coordinator {
         // empty once (libzmq's edge-triggered ZMQ_FD): look at each before the first poll.
         self.read_monitor()?;
         self.read_front()?;
-        if let Some(handler) = &mut self.sockets.zap {
-            handler.handle_pending();
-        }
+        self.handle_zap();
         'turns: loop {
             let now = Instant::now();
             self.status.heartbeat_at(now);
@@ -264,10 +273,16 @@ impl Coordinator {
             if now >= self.next_resync {
                 self.resync(now);
             }
+            if now >= self.next_key_check {
+                self.next_key_check = now + KEY_CHECK_EVERY;
+                self.refresh_keys();
+            }
+            self.refusals.log_if_due(now);
             let wait = wake_at
                 .map_or(self.heartbeat, |at| at.saturating_duration_since(now))
                 .min(self.heartbeat)
-                .min(self.next_resync.saturating_duration_since(now));
+                .min(self.next_resync.saturating_duration_since(now))
+                .min(self.next_key_check.saturating_duration_since(now));
             // Publish this turn's counts before blocking, so a scrape sees them.
             self.publish(now);
             // Replies sent since the front was last read may have consumed its notification:
@@ -318,9 +333,7 @@ impl Coordinator {
                 self.read_monitor()?;
             }
             if ready.zap {
-                if let Some(handler) = &mut self.sockets.zap {
-                    handler.handle_pending();
-                }
+                self.handle_zap();
             }
             self.read_events();
             if ready.front || self.front_ready {
@@ -365,6 +378,56 @@ impl Coordinator {
             }
         }
         Ok(None)
+    }
+
+    /// Answers pending ZAP requests, with the allow file re-read first if it changed.
+    fn handle_zap(&mut self) {
+        self.refresh_keys();
+        if let Some(handler) = &mut self.sockets.zap {
+            handler.handle_pending(&mut self.refusals);
+        }
+    }
+
+    /// Re-reads the allow file if it changed, and resets connections whose key it dropped.
+    fn refresh_keys(&mut self) {
+        let Some(handler) = &mut self.sockets.zap else {
+            return;
+        };
+        if !handler.refresh_keys() {
+            return;
+        }
+        let Some(keys) = handler.keys() else {
+            return;
+        };
+        let revoked = self.conns.revoke(|key| keys.allows(key));
+        if revoked > 0 {
+            self.metrics.connections_reset("revoked", revoked);
+            log::warn!("reset {revoked} connections whose client key was removed");
+        }
+    }
+
+    /// Checks a connection's first request against the allowed keys (its key may have been
+    /// removed since its handshake). False if the connection was reset instead.
+    fn admit_key(&mut self, fd: RawFd, first_frame: &mut Message) -> bool {
+        let Some(keys) = self.sockets.zap.as_ref().and_then(|z| z.keys()) else {
+            return true;
+        };
+        let key = first_frame
+            .gets("User-Id")
+            .and_then(|id| shared::curve::decode_key(id, "User-Id").ok());
+        match key {
+            Some(key) if keys.allows(&key) => {
+                self.conns.set_key(fd, key);
+                true
+            }
+            _ => {
+                if self.conns.reset(fd, conns::ResetReason::Revoked) {
+                    self.metrics.connections_reset("revoked", 1);
+                    log::warn!("reset a connection whose client key was removed");
+                }
+                false
+            }
+        }
     }
 
     /// Publishes per-turn figures: the recorder's counts and the held-requests integral.
@@ -437,11 +500,20 @@ impl Coordinator {
                 match self.conns.accepted(fd) {
                     Accepted::Tracked => {}
                     Accepted::Refused => {
-                        self.metrics.connection_refused("limit");
                         log::debug!("connection refused: --max-connections reached");
+                        self.refusals.note("limit", None);
                     }
                     Accepted::Untracked => log::debug!("accepted fd {fd} already gone"),
                 }
+            } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as u16 {
+                // The value is libzmq's protocol error code, not an fd.
+                let reason = match fd as u32 {
+                    PROTOCOL_ERROR_CRYPTOGRAPHIC => "server_key",
+                    PROTOCOL_ERROR_MECHANISM_MISMATCH => "mechanism",
+                    _ => "handshake",
+                };
+                log::debug!("handshake failed: {reason} (protocol error {fd:#x})");
+                self.refusals.note(reason, None);
             } else if event == zmq::SocketEvent::DISCONNECTED as u16 {
                 if let Some(closed) = self.conns.disconnected(fd) {
                     if closed.undelivered > 0 {
@@ -510,7 +582,12 @@ impl Coordinator {
         let origin = match fd.zip(attribution) {
             // Its connection is being refused (over --max-connections): not served.
             Some((_, conns::Attribution::Refused)) => return,
-            Some((fd, conns::Attribution::Tracked(conn))) => Some(Origin { fd, conn }),
+            Some((fd, conns::Attribution::Tracked { id, first })) => {
+                if first && !self.admit_key(fd, &mut frames[1]) {
+                    return;
+                }
+                Some(Origin { fd, conn: id })
+            }
             Some((_, conns::Attribution::Untracked)) | None => None,
         };
         self.tally.read += 1;

@@ -25,6 +25,14 @@ fn kubectl() -> PathBuf {
 
 /// The Deployment object an overlay renders.
 pub fn rendered_deployment(overlay: &str) -> Value {
+    rendered(overlay)
+        .into_iter()
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment")
+}
+
+/// Every object an overlay renders.
+pub fn rendered(overlay: &str) -> Vec<Value> {
     let output = Command::new(kubectl())
         .arg("kustomize")
         .arg(repo().join("deploy/overlays").join(overlay))
@@ -36,11 +44,9 @@ pub fn rendered_deployment(overlay: &str) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8(output.stdout).expect("utf8");
-    let deployment = serde_yaml::Deserializer::from_str(&text)
+    serde_yaml::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("yaml"))
-        .find(|doc| doc["kind"] == "Deployment")
-        .expect("a Deployment");
-    deployment
+        .collect()
 }
 
 pub fn secs(value: &Value, default: u64) -> Duration {
@@ -87,6 +93,7 @@ pub fn bytes(quantity: &Value) -> u64 {
 
 /// The first container of the production pod.
 pub struct Pod {
+    pub spec: Value,
     pub container: Value,
     pub env: HashMap<String, String>,
     pub ports: HashMap<String, u16>,
@@ -97,7 +104,12 @@ pub struct Pod {
 /// The production pod: its container, environment (resource references resolved as the
 /// kubelet does), named ports, grace period and memory limit.
 pub fn production_pod() -> Pod {
-    let deployment = rendered_deployment("production");
+    pod("production")
+}
+
+/// The pod of `overlay`'s Deployment (see [`production_pod`]).
+pub fn pod(overlay: &str) -> Pod {
+    let deployment = rendered_deployment(overlay);
     let pod = &deployment["spec"]["template"]["spec"];
     let container = pod["containers"][0].clone();
     let limits = &container["resources"]["limits"];
@@ -140,6 +152,7 @@ pub fn production_pod() -> Pod {
         env.insert(name, value);
     }
     Pod {
+        spec: pod.clone(),
         memory_limit: bytes(&limits["memory"]),
         grace: secs(&pod["terminationGracePeriodSeconds"], 30),
         container,
