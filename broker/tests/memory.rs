@@ -82,6 +82,13 @@ impl Pod {
             * 1024
     }
 
+    /// Threads of the broker process now.
+    fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.broker.pid()))
+            .expect("broker still running")
+            .count()
+    }
+
     fn rss(&self) -> f64 {
         metric(&self.broker, "process_resident_memory_bytes")
     }
@@ -448,6 +455,7 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
     let max: usize = production_pod().env["BROKER_MAX_CONNECTIONS"]
         .parse()
         .expect("BROKER_MAX_CONNECTIONS is a number");
+    let threads = pod.threads();
     // Hold every slot but the good client's, and 50 more.
     let peers: Vec<RawPeer> = (0..max + 49)
         .filter_map(|_| RawPeer::connect(pod.port, None).ok())
@@ -462,6 +470,14 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
         metric(&pod.broker, "broker_connections") == max as f64
     });
     pod.assert_within_limit(&format!("{} connections", max + 50));
+    // Threads are fixed at start (workers, coordinator, guard, admin, libzmq's two): none
+    // per connection.
+    assert_eq!(
+        pod.threads(),
+        threads,
+        "threads with {} connections",
+        max + 50
+    );
     drop(peers);
     eventually("slots freed", EVENT_TIMEOUT, || {
         metric(&pod.broker, "broker_connections") == 1.0
