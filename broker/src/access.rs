@@ -310,13 +310,20 @@ impl ZapHandler {
                 }
             }
             // version, request id, domain, address, routing id, mechanism, credentials...
-            if self.frames.len() < 6 {
-                log::error!("ZAP handler: malformed request ignored");
-                continue;
-            }
-            let verdict = self.check();
+            // Only libzmq writes here, so a short request is a bug; it is still answered
+            // (refused): a REP socket that skips a reply can never receive again.
+            let verdict = if self.frames.len() < 6 {
+                log::error!("ZAP handler: malformed request refused");
+                Err(("handshake", "malformed ZAP request"))
+            } else {
+                self.check()
+            };
             let (code, text, user) = match verdict {
                 Ok(user) => ("200", "OK", user),
+                Err((reason, text)) if self.frames.len() < 6 => {
+                    refusals.note(reason, None);
+                    ("500", text, String::new())
+                }
                 Err((reason, text)) => {
                     let peer = String::from_utf8_lossy(&self.frames[3]).into_owned();
                     log::debug!("connection from {peer} refused: {text}");
@@ -324,7 +331,10 @@ impl ZapHandler {
                     ("400", text, String::new())
                 }
             };
-            let request_id = std::mem::replace(&mut self.frames[1], Message::new());
+            let request_id = self
+                .frames
+                .get_mut(1)
+                .map_or_else(Message::new, |id| std::mem::replace(id, Message::new()));
             // The user id travels with every message of the connection (its `User-Id`
             // property): the coordinator learns each connection's key from it.
             let reply = [

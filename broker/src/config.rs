@@ -67,8 +67,8 @@ pub mod limits {
     pub const MAX_WAIT: Duration = Duration::from_secs(3600);
     /// Longest `--stuck-after`.
     pub const MAX_STUCK_AFTER: Duration = Duration::from_secs(86_400);
-    /// Most `--workers`: each is a thread and a socket on the inproc context, and libzmq
-    /// allows 1023 sockets per context (the coordinator's end takes one more).
+    /// Most `--workers`: each is a thread with its own stack (2 MiB of address space); a
+    /// thousand is past any pool that helps on one pod.
     pub const MAX_WORKERS: usize = 1000;
     /// Most `--max-inflight`.
     pub const MAX_INFLIGHT: usize = 1_000_000;
@@ -177,8 +177,8 @@ pub struct ServeArgs {
     /// `ERR overloaded`. Sizes take 1048576, 1MiB, 1Mi, 1MB (=10^6).
     #[arg(long, env = "BROKER_MAX_INFLIGHT_BYTES", default_value = defaults::MAX_INFLIGHT_BYTES, value_parser = parse_size)]
     pub max_inflight_bytes: u64,
-    /// Largest request (body plus envelope) and, doubled, largest reply; larger requests get
-    /// `ERR too_large`.
+    /// Largest request (body plus envelope) and, doubled (at least 64KiB), largest reply;
+    /// larger requests get `ERR too_large`.
     #[arg(long, env = "BROKER_MAX_MESSAGE_BYTES", default_value = defaults::MAX_MESSAGE_BYTES, value_parser = parse_size)]
     pub max_message_bytes: u64,
     /// Front connections at once; more are closed on arrival and counted.
@@ -566,13 +566,10 @@ impl Config {
     }
 
     /// File descriptors the broker may need at once: two per front connection (libzmq's and
-    /// the broker's duplicate), the admin server's connections, one mailbox per ZeroMQ socket
-    /// (a worker has one), and a margin for libzmq's and the runtime's own.
+    /// the broker's duplicate), the admin server's connections, and a margin for the few of
+    /// libzmq (mailboxes, its poller), the signalfd, the workers' eventfd and the runtime.
     pub fn fds_needed(&self) -> u64 {
-        2 * self.max_connections as u64
-            + crate::admin::MAX_CONNECTIONS as u64
-            + self.workers as u64
-            + 64
+        2 * self.max_connections as u64 + crate::admin::MAX_CONNECTIONS as u64 + 64
     }
 }
 

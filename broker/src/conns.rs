@@ -241,7 +241,9 @@ pub enum Attribution {
     },
     /// Over `--max-connections` and being closed: the request is not served.
     Refused,
-    /// Not tracked (an ipc:// connection, or one whose events were lost).
+    /// Not tracked (its events were lost, or it closed before they were read). ipc://
+    /// connections are tracked and counted, but have no TCP counters: only the process-wide
+    /// memory guard bounds what they hold.
     Untracked,
 }
 

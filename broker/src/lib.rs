@@ -210,8 +210,8 @@ impl Broker {
         let activity = Arc::new(Activity::new(config.workers));
         let status = Arc::new(Status::new(config.stuck_after, Arc::clone(&activity)));
 
-        // Two contexts: terminating the front one flushes replies (bounded by its linger)
-        // without waiting on a worker socket that a stuck handler keeps open.
+        // One context, for the front socket, its monitor and the ZAP handler (workers use
+        // channels): terminating it at exit flushes replies, bounded by the front's linger.
         let front_ctx = zmq::Context::new();
         // The ZAP handler is bound before the front socket, so no connection is accepted
         // unchecked.
@@ -406,7 +406,8 @@ fn front_sockets(
     // that fail (wrong server key, plaintext client) are counted as refusals.
     let events = zmq::SocketEvent::ACCEPTED as i32
         | zmq::SocketEvent::DISCONNECTED as i32
-        | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32;
+        | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32;
     socket
         .monitor(FRONT_MONITOR, events)
         .map_err(socket_error)?;

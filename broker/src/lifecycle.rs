@@ -2,11 +2,12 @@
 //! changes it) and the admin server (which reports it as readiness and liveness).
 //!
 //! ```text
-//! starting --all workers READY--> serving --SIGTERM--> stopping --shutdown delay--> draining
+//! starting --all workers started--> serving --SIGTERM--> stopping --shutdown delay--> draining
 //!                                                      (not ready,                  (ERR draining for new
 //!                                                       still serving)               requests; wait in-flight)
 //! draining --in-flight done or drain deadline--> stopped
-//! any state --second SIGTERM/SIGINT--> exit now (128 + signal)
+//! any state --second stop signal--> exit now (128 + signal)
+//! (stop signals: SIGTERM, SIGINT, SIGQUIT)
 //! ```
 
 use std::fmt;
@@ -20,11 +21,11 @@ use worker::Activity;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum State {
-    /// Sockets bound, waiting for every worker to say READY.
+    /// Sockets bound, waiting for every worker to report that it started.
     Starting = 0,
     /// Taking work; ready.
     Serving = 1,
-    /// SIGTERM seen: not ready, still taking work for `--shutdown-delay`.
+    /// A stop signal seen: not ready, still taking work for `--shutdown-delay`.
     Stopping = 2,
     /// Taking no new work (`ERR draining`), finishing what it took.
     Draining = 3,

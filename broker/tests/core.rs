@@ -370,6 +370,40 @@ fn bad_bodies_get_error_replies() {
     assert_eq!(ok(client.request(&[b"fine"])), [b"fine".to_vec()]);
 }
 
+/// Frames past the 256 the broker keeps are read and dropped, and their bytes still count as
+/// read: the connection is not left looking as if it held them (which would reset it as stalled
+/// once idle for the stall timeout).
+#[test]
+fn a_message_of_too_many_frames_is_refused_and_its_connection_stays_clean() {
+    let broker = Broker::start(&["--workers", "1", "--stall-timeout", "1s"]);
+    let client = Client::dealer(&broker.front, true);
+    let frame = vec![7u8; 1024];
+    let frames: Vec<&[u8]> = (0..400).map(|_| &frame[..]).collect();
+    // 144 frames (about 148 KiB) past the cap: more than the 64 KiB a stall needs.
+    assert_eq!(
+        err_code(&client.request(&frames)),
+        Some(ErrorCode::TooLarge)
+    );
+    let idle = Instant::now();
+    // A stalled connection is reset within the timeout plus one 100 ms scan; wait three times
+    // that (a negative needs the whole wait).
+    while idle.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            common::metric(
+                &broker,
+                "broker_connections_reset_total{reason=\"stalled\"}"
+            ),
+            0.0,
+            "an idle, clean connection was reset as stalled"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // between scrapes
+    }
+    assert_eq!(
+        ok(client.request(&[b"still here"])),
+        [b"still here".to_vec()]
+    );
+}
+
 #[test]
 fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
     use std::io::Write;

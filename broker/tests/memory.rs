@@ -469,6 +469,14 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
     eventually("exactly --max-connections served", EVENT_TIMEOUT, || {
         metric(&pod.broker, "broker_connections") == max as f64
     });
+    // Counted once, as `limit`: the reset the refusal sends is not also a failed handshake.
+    assert_eq!(
+        metric(
+            &pod.broker,
+            "broker_connections_refused_total{reason=\"handshake\"}"
+        ),
+        0.0
+    );
     pod.assert_within_limit(&format!("{} connections", max + 50));
     // Threads are fixed at start (workers, coordinator, guard, admin, libzmq's two): none
     // per connection.

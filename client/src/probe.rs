@@ -65,6 +65,9 @@ pub enum ProbeError {
     /// The CURVE settings could not be used.
     #[error(transparent)]
     Key(#[from] crate::security::KeyError),
+    /// libzmq refused the CURVE keys.
+    #[error("cannot set the CURVE keys: {0}")]
+    Curve(String),
 }
 
 /// Runs the probe and maps the result to the exit code.
@@ -128,7 +131,7 @@ pub fn probe_zmq(
         .map_err(|e| ProbeError::Zmq("linger", e))?;
     security
         .apply(&socket)
-        .map_err(|e| ProbeError::BadReply(endpoint.into(), e.to_string()))?;
+        .map_err(|e| ProbeError::Curve(e.to_string()))?;
     socket
         .connect(endpoint)
         .map_err(|e| ProbeError::Zmq("connect", e))?;

@@ -1,6 +1,6 @@
-//! What the broker binary and the worker pool both speak: the wire protocol (client-facing and
-//! coordinator <-> worker), the Prometheus metrics and their names, log set-up, CURVE key files, and the parsers of
-//! command-line values the broker and its tools share.
+//! What the broker, its workers and its tools share: the client-facing wire protocol, the
+//! Prometheus metrics and their names, log set-up, CURVE key files, and the parsers of
+//! command-line values.
 
 pub mod curve;
 pub mod logging;

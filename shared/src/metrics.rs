@@ -112,7 +112,8 @@ impl DropReason {
 /// - `client_key`: its CURVE public key is not in `--curve-allow-keys`;
 /// - `server_key`: its CURVE handshake could not be decrypted (it has the wrong server key);
 /// - `mechanism`: it did not speak CURVE to a CURVE front (a plaintext client), or the reverse;
-/// - `handshake`: any other broken handshake (malformed or out-of-order ZMTP commands).
+/// - `handshake`: it hung up before finishing its handshake (a plaintext client that noticed the
+///   mismatch before the broker did shows here), or sent malformed or out-of-order commands.
 pub const REFUSAL_REASONS: &[&str] = &[
     "allowlist",
     "limit",

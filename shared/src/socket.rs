@@ -21,64 +21,83 @@ pub fn recv_frames(socket: &Socket, flags: i32, frames: &mut Vec<Message>) -> zm
     }
 }
 
+/// One message as [`recv_frames_capped`] read it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Frames the message had, dropped ones included.
+    pub frames: usize,
+    /// Wire bytes of the frames dropped past the cap, so byte accounting still sees them.
+    pub dropped_bytes: u64,
+}
+
 /// Receives one message like [`recv_frames`], keeping at most `cap` frames: the rest are read
 /// and dropped one at a time, so a message of millions of frames costs no memory here.
-/// Returns how many frames the message had.
 pub fn recv_frames_capped(
     socket: &Socket,
     flags: i32,
     frames: &mut Vec<Message>,
     cap: usize,
-) -> zmq::Result<usize> {
+) -> zmq::Result<Received> {
     frames.clear();
-    let mut total = 0;
+    let mut received = Received::default();
     let mut spare = Message::new();
     loop {
-        let mut frame = if total < cap {
+        let mut frame = if received.frames < cap {
             Message::new()
         } else {
             std::mem::replace(&mut spare, Message::new())
         };
         // Only the first frame can find nothing waiting: a message arrives whole.
-        retry_eintr(|| socket.recv(&mut frame, if total == 0 { flags } else { 0 }))?;
-        total += 1;
+        let first = received.frames == 0;
+        retry_eintr(|| socket.recv(&mut frame, if first { flags } else { 0 }))?;
+        received.frames += 1;
         let more = frame.get_more();
-        if total <= cap {
+        if received.frames <= cap {
             frames.push(frame);
         } else {
+            received.dropped_bytes += crate::protocol::wire_size(frame.len()) as u64;
             spare = frame;
         }
         if !more {
-            return Ok(total);
+            return Ok(received);
         }
     }
 }
 
 /// Receives the next message into `frames` (at most `cap` kept, see [`recv_frames_capped`])
-/// without blocking; `Ok(false)` when nothing waits.
+/// without blocking; `None` when nothing waits.
 ///
 /// A non-blocking receive processes the socket's pending commands only every millisecond or
 /// so, so a message whose arrival is announced by a command can look absent. Before saying
-/// nothing waits, this asks the socket (`ZMQ_EVENTS`, which processes them). After `Ok(false)`
+/// nothing waits, this asks the socket (`ZMQ_EVENTS`, which processes them). After `None`
 /// the socket's `ZMQ_FD` becomes readable when something arrives, so a caller can poll it.
+pub fn try_recv_message(
+    socket: &Socket,
+    frames: &mut Vec<Message>,
+    cap: usize,
+) -> zmq::Result<Option<Received>> {
+    match recv_frames_capped(socket, zmq::DONTWAIT, frames, cap) {
+        Ok(received) => return Ok(Some(received)),
+        Err(zmq::Error::EAGAIN) => {}
+        Err(e) => return Err(e),
+    }
+    if !socket.get_events()?.contains(zmq::POLLIN) {
+        return Ok(None);
+    }
+    match recv_frames_capped(socket, zmq::DONTWAIT, frames, cap) {
+        Ok(received) => Ok(Some(received)),
+        Err(zmq::Error::EAGAIN) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`try_recv_message`], for callers that need only whether a message came.
 pub fn try_recv_frames(
     socket: &Socket,
     frames: &mut Vec<Message>,
     cap: usize,
 ) -> zmq::Result<bool> {
-    match recv_frames_capped(socket, zmq::DONTWAIT, frames, cap) {
-        Ok(_) => return Ok(true),
-        Err(zmq::Error::EAGAIN) => {}
-        Err(e) => return Err(e),
-    }
-    if !socket.get_events()?.contains(zmq::POLLIN) {
-        return Ok(false);
-    }
-    match recv_frames_capped(socket, zmq::DONTWAIT, frames, cap) {
-        Ok(_) => Ok(true),
-        Err(zmq::Error::EAGAIN) => Ok(false),
-        Err(e) => Err(e),
-    }
+    Ok(try_recv_message(socket, frames, cap)?.is_some())
 }
 
 /// Sends `frames` as one message; `flags` are added to every frame.

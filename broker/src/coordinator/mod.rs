@@ -22,7 +22,7 @@ use shared::protocol::{
     classify, echoes_envelope, encode_err, encode_ok, envelope_len, wire_size, RequestKind,
     FRAME_OVERHEAD, MAX_FRAMES, STATUS_OK,
 };
-use shared::socket::{send_one, try_recv_frames};
+use shared::socket::{send_one, try_recv_frames, try_recv_message};
 use shared::{ErrorCode, Metrics};
 use worker::{Activity, Event, Job, Waker};
 use zmq::{Message, Socket};
@@ -68,7 +68,7 @@ pub enum Error {
     /// A socket failed in a way that is not about one client.
     #[error("{socket} socket failed: {source}")]
     Socket {
-        /// `front`, `backend` or `monitor`.
+        /// `front`, `monitor` or `notification` (a socket's ZMQ_FD).
         socket: &'static str,
         /// What libzmq said.
         source: zmq::Error,
@@ -514,6 +514,17 @@ impl Coordinator {
                 };
                 log::debug!("handshake failed: {reason} (protocol error {fd:#x})");
                 self.refusals.note(reason, None);
+            } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as u16 {
+                // The value is an errno. EPIPE: the peer closed mid-handshake, which is how a
+                // plaintext client that noticed the mismatch first shows (which side notices
+                // first is a race). A reset (ECONNRESET) is the broker's own refusal or reset,
+                // already counted; a timeout is a stall.
+                if fd == libc::EPIPE {
+                    log::debug!("handshake failed: the peer closed before finishing it");
+                    self.refusals.note("handshake", None);
+                } else {
+                    log::debug!("handshake failed (errno {fd})");
+                }
             } else if event == zmq::SocketEvent::DISCONNECTED as u16 {
                 if let Some(closed) = self.conns.disconnected(fd) {
                     if closed.undelivered > 0 {
@@ -530,7 +541,6 @@ impl Coordinator {
         }
     }
 
-    /// Reads up to [`BATCH`] requests from the front socket.
     /// Reads up to [`BATCH`] requests from the front socket; remembers whether more wait.
     fn read_front(&mut self) -> Result<(), Error> {
         let mut frames = std::mem::take(&mut self.frames);
@@ -540,9 +550,9 @@ impl Coordinator {
         self.sent_since_read = false;
         for _ in 0..BATCH {
             // One frame past the limit is kept: enough for classify to refuse the request.
-            match try_recv_frames(&self.sockets.front, &mut frames, MAX_FRAMES + 1) {
-                Ok(true) => self.on_request(&mut frames),
-                Ok(false) => {
+            match try_recv_message(&self.sockets.front, &mut frames, MAX_FRAMES + 1) {
+                Ok(Some(received)) => self.on_request(&mut frames, received.dropped_bytes),
+                Ok(None) => {
                     self.front_ready = false;
                     break;
                 }
@@ -559,13 +569,15 @@ impl Coordinator {
         result
     }
 
-    fn on_request(&mut self, frames: &mut Vec<Message>) {
+    /// Handles one request; `dropped_bytes` are the wire bytes of frames read past the cap.
+    fn on_request(&mut self, frames: &mut Vec<Message>, dropped_bytes: u64) {
         // A ROUTER always prepends the routing id, so there is at least one frame.
         let Some(envelope_frames) = envelope_len(frames) else {
             return;
         };
         let now = self.now;
-        let wire: usize = frames[1..].iter().map(|f| wire_size(f.len())).sum();
+        let kept: usize = frames[1..].iter().map(|f| wire_size(f.len())).sum();
+        let wire = kept as u64 + dropped_bytes;
         // The connection's fd is in the metadata of the first frame the client sent, not of
         // the routing id: libzmq 4.3.4 drops the routing id's metadata when a poll prefetched
         // the message (fixed upstream in 74529d97).
@@ -573,11 +585,11 @@ impl Coordinator {
             .get_mut(1)
             .and_then(|first| first.gets("__fd"))
             .and_then(|text| text.parse::<RawFd>().ok());
-        let mut attribution = fd.map(|fd| self.conns.request_read(fd, wire as u64));
+        let mut attribution = fd.map(|fd| self.conns.request_read(fd, wire));
         if matches!(attribution, Some(conns::Attribution::Untracked)) {
             // Its connection's ACCEPTED event may still be queued: take the events, retry.
             let _ = self.read_monitor();
-            attribution = fd.map(|fd| self.conns.request_read(fd, wire as u64));
+            attribution = fd.map(|fd| self.conns.request_read(fd, wire));
         }
         let origin = match fd.zip(attribution) {
             // Its connection is being refused (over --max-connections): not served.
@@ -910,7 +922,9 @@ fn reject_message(code: ErrorCode) -> &'static str {
         ErrorCode::TooLarge => {
             "request exceeds --max-message-bytes, or has too many frames or envelope frames"
         }
-        ErrorCode::Overloaded => "broker is at its in-flight limit; retry later or elsewhere",
+        ErrorCode::Overloaded => {
+            "broker is at its in-flight or memory limit; retry later or elsewhere"
+        }
         ErrorCode::Draining => "broker is shutting down; retry on another instance",
         ErrorCode::Timeout => "request still running at the drain deadline",
         ErrorCode::HandlerFailed => "handler failed",
