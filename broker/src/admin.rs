@@ -173,11 +173,13 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match path {
         "/metrics" => metrics(state),
-        "/readyz" if state.status.ready() => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", state.status.state()),
-        ),
+        "/readyz" => match state.status.not_ready_because() {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         _ => match state.status.live() {
             Ok(()) => text(StatusCode::OK, "live\n".into()),
             Err(why) => text(

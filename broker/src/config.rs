@@ -83,6 +83,15 @@ pub mod limits {
     /// The smallest frame limit set on the front socket: the ZMTP handshake (a READY command
     /// with the peer's metadata) must fit, or no client can connect.
     pub const MIN_FRAME_LIMIT: u64 = 64 * 1024;
+    /// Smallest `--max-message-bytes`: a health request (`broker probe`) and its envelope must
+    /// fit, or the probes fail on a healthy broker.
+    pub const MIN_MESSAGE_BYTES: u64 = 64;
+    /// Shortest `--stall-timeout` and `--stuck-after`: below a second, scheduling delays on a
+    /// busy node look like stalls, and healthy clients or the pod itself would be reset.
+    pub const MIN_PATIENCE: Duration = Duration::from_secs(1);
+    /// Smallest `--memory-limit`: the broker at rest takes about 8 MiB, and a limit it sits
+    /// near would refuse every request while the probes say it is healthy.
+    pub const MIN_MEMORY_LIMIT: u64 = 32 << 20;
 }
 
 /// The broker's own command line, without the tools' subcommands: for programs that embed
@@ -196,7 +205,7 @@ pub struct ServeArgs {
     pub max_buffered_bytes: u64,
     /// A connection that holds bytes without progress (no complete request arriving, or its
     /// replies not read) for this long is reset (at most 1h).
-    #[arg(long, env = "BROKER_STALL_TIMEOUT", value_parser = parse_wait, default_value = defaults::STALL_TIMEOUT)]
+    #[arg(long, env = "BROKER_STALL_TIMEOUT", value_parser = parse_patience, default_value = defaults::STALL_TIMEOUT)]
     pub stall_timeout: Duration,
     /// Memory the process must stay under: near it the broker refuses new work and resets
     /// the connections holding the most [default: the cgroup's memory limit, if any].
@@ -239,6 +248,7 @@ pub struct ServeArgs {
 pub struct Endpoint {
     text: String,
     port: Option<u16>,
+    ipv6: bool,
 }
 
 impl Endpoint {
@@ -250,6 +260,16 @@ impl Endpoint {
     /// The TCP port (`None` for ipc://).
     pub fn port(&self) -> Option<u16> {
         self.port
+    }
+
+    /// An IPv6 address: the socket must be told (libzmq binds IPv4 only by default).
+    pub fn ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// The socket file of an ipc:// endpoint.
+    pub fn ipc_path(&self) -> Option<&str> {
+        self.text.strip_prefix("ipc://")
     }
 }
 
@@ -268,9 +288,16 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
         if path.is_empty() || path.len() > 107 || path.contains('\0') {
             return Err(format!("{EXPECTED}; an ipc path is 1 to 107 bytes"));
         }
+        // libzmq binds ipc://* to a random temporary path that no client could be told.
+        if path == "*" {
+            return Err(format!(
+                "{EXPECTED}; ipc://* is a random path no client can find"
+            ));
+        }
         return Ok(Endpoint {
             text: text.to_owned(),
             port: None,
+            ipv6: false,
         });
     }
     let hostport = text.strip_prefix("tcp://").ok_or(EXPECTED)?;
@@ -292,6 +319,7 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     Ok(Endpoint {
         text: text.to_owned(),
         port: Some(port),
+        ipv6: host.starts_with('['),
     })
 }
 
@@ -313,7 +341,18 @@ fn parse_positive_wait(text: &str) -> Result<Duration, String> {
 }
 
 fn parse_stuck_after(text: &str) -> Result<Duration, String> {
-    bounded_duration(text, limits::MAX_STUCK_AFTER, true)
+    at_least_a_second(bounded_duration(text, limits::MAX_STUCK_AFTER, true)?)
+}
+
+fn parse_patience(text: &str) -> Result<Duration, String> {
+    at_least_a_second(bounded_duration(text, limits::MAX_WAIT, true)?)
+}
+
+fn at_least_a_second(d: Duration) -> Result<Duration, String> {
+    if d < limits::MIN_PATIENCE {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 /// Parses a byte size: a plain number, or one with a unit: `Ki`/`KiB`, `Mi`/`MiB`, `Gi`/`GiB`
@@ -481,10 +520,16 @@ impl Config {
                 .min(limits::MAX_WORKERS),
         };
         let range = |flag: &'static str, why: String| ConfigError::Range { flag, why };
-        if args.max_message_bytes == 0 || args.max_message_bytes > limits::MAX_MESSAGE_BYTES {
+        if args.max_message_bytes < limits::MIN_MESSAGE_BYTES
+            || args.max_message_bytes > limits::MAX_MESSAGE_BYTES
+        {
             return Err(range(
                 "--max-message-bytes",
-                format!("must be 1 to {} bytes", limits::MAX_MESSAGE_BYTES),
+                format!(
+                    "must be {} to {} bytes",
+                    limits::MIN_MESSAGE_BYTES,
+                    limits::MAX_MESSAGE_BYTES
+                ),
             ));
         }
         let max_message_bytes = args.max_message_bytes;
@@ -519,10 +564,28 @@ impl Config {
                 ),
             ));
         }
+        let cgroup = cgroup_memory_limit();
         let memory_limit = match args.memory_limit {
             Some(0) => None,
+            Some(limit) if limit < limits::MIN_MEMORY_LIMIT => {
+                return Err(range(
+                    "--memory-limit",
+                    "must be at least 32MiB (or 0 for none)".into(),
+                ))
+            }
+            // Above the cgroup's, the guard would act after the kernel's OOM killer.
+            Some(limit) if cgroup.is_some_and(|c| limit > c) => {
+                return Err(range(
+                    "--memory-limit",
+                    format!(
+                        "{limit} is above this process's cgroup memory limit ({}); leave it \
+                         unset to use that",
+                        cgroup.unwrap_or_default()
+                    ),
+                ))
+            }
             Some(limit) => Some(limit),
-            None => cgroup_memory_limit(),
+            None => cgroup,
         };
         let curve = Curve::from_args(args.curve_secret_key_file, args.curve_allow_keys)?;
         let as_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
@@ -718,13 +781,13 @@ mod tests {
         assert_eq!(defaults.frame_limit, 2 << 20);
         // A tiny message limit still leaves room for the handshake.
         assert_eq!(
-            config(&["--max-message-bytes", "1"])
+            config(&["--max-message-bytes", "64"])
                 .expect("valid")
                 .frame_limit,
             64 << 10
         );
         assert!(matches!(
-            config(&["--max-message-bytes", "0"]),
+            config(&["--max-message-bytes", "63"]),
             Err(ConfigError::Range {
                 flag: "--max-message-bytes",
                 ..

@@ -9,8 +9,11 @@
 //!
 //! Per connection, in wire bytes (ZMTP framing included):
 //! - held inbound = bytes the kernel received - bytes of requests the coordinator read - the
-//!   handshake allowance: the kernel's receive buffer, a frame libzmq is still receiving, and
-//!   complete requests not yet read;
+//!   handshake allowance - the heartbeat credit: the kernel's receive buffer, a message libzmq
+//!   is still receiving, and complete requests not yet read. ZMTP heartbeats (PING) are read
+//!   by libzmq, never by the broker; libzmq answers each with a PONG two bytes shorter, which
+//!   shows as bytes the peer acknowledged beyond the replies the broker sent, so 9/7 of those
+//!   (a 9-byte PING per 7-byte PONG) are credited back;
 //! - held outbound = bytes of replies handed to libzmq - (bytes the peer acknowledged - the
 //!   handshake libzmq wrote): replies in libzmq's queue and in the kernel's send buffer.
 
@@ -104,6 +107,9 @@ pub struct Conn {
     pub acked: AtomicU64,
     /// What libzmq wrote before any reply (greeting, READY), measured at the first request.
     pub handshake_out: AtomicU64,
+    /// The most that the peer's acknowledged bytes have exceeded the replies sent: what libzmq
+    /// wrote on its own (PONGs), a lower bound that only grows.
+    pub own_out: AtomicU64,
     /// Set once the broker shut the connection down; the reason is in `reset`.
     reset: AtomicU8,
     /// Refused at accept (over `--max-connections`): never served.
@@ -121,6 +127,7 @@ impl Conn {
             received: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             handshake_out: AtomicU64::new(0),
+            own_out: AtomicU64::new(0),
             reset: AtomicU8::new(0),
             refused: AtomicBool::new(false),
         }
@@ -130,16 +137,24 @@ impl Conn {
     pub fn measure(&self) -> std::io::Result<TcpCounters> {
         let counters = sys::tcp_counters(self.fd.as_fd())?;
         self.received.store(counters.received, Ordering::Relaxed);
-        self.acked.fetch_max(counters.acked, Ordering::Relaxed);
+        let acked = self
+            .acked
+            .fetch_max(counters.acked, Ordering::Relaxed)
+            .max(counters.acked);
+        let delivered = acked.saturating_sub(self.handshake_out.load(Ordering::Relaxed));
+        let surplus = delivered.saturating_sub(self.sent.load(Ordering::Relaxed));
+        self.own_out.fetch_max(surplus, Ordering::Relaxed);
         Ok(counters)
     }
 
     /// Inbound bytes held for this connection as of the last measurement.
     pub fn held_in(&self) -> u64 {
+        let heartbeats = self.own_out.load(Ordering::Relaxed) / 7 * 9;
         self.received
             .load(Ordering::Relaxed)
             .saturating_sub(self.consumed.load(Ordering::Relaxed))
             .saturating_sub(HANDSHAKE_ALLOWANCE)
+            .saturating_sub(heartbeats)
     }
 
     /// Outbound bytes held for this connection as of the last measurement.

@@ -31,8 +31,12 @@ use shared::Metrics;
 
 use crate::conns::{Conn, Registry, ResetReason};
 
-/// How often resident memory is read.
+/// How often resident memory is read above half the memory limit: an attack of tiny frames
+/// grows libzmq's memory by a few MiB per millisecond on loopback.
 pub const TICK: Duration = Duration::from_millis(2);
+/// How often below half the limit (or without one): from there the fastest growth measured
+/// cannot reach the shedding mark within one relaxed tick, and idle costs less CPU.
+pub const TICK_RELAXED: Duration = Duration::from_millis(10);
 /// How often every connection is measured when nothing else calls for it.
 pub const SCAN_EVERY: Duration = Duration::from_millis(100);
 /// Memory growth since the last scan that calls for a scan now.
@@ -41,10 +45,14 @@ pub const SCAN_ON_GROWTH: u64 = 16 << 20;
 pub const SHED_AT_PERCENT: u64 = 85;
 /// Below this share, new work is taken again.
 pub const RESUME_AT_PERCENT: u64 = 75;
-/// A connection holding at most this many bytes is never reset for stalling: room for a
-/// slowly arriving small request, and for the ZMTP heartbeats (about 10 bytes each) that an
-/// idle client may send, which the byte counts cannot tell from request bytes.
-pub const STALL_FLOOR: u64 = 64 * 1024;
+/// A connection holding at most this many bytes is never reset for stalling: room for a small
+/// request arriving slowly. Kept small because what it lets a connection hold for ever is
+/// multiplied by libzmq's per-frame cost when it is a message of tiny frames (4 KiB of empty
+/// frames is 128 KiB in libzmq). Heartbeats are credited (see `conns`), not absorbed here.
+pub const STALL_FLOOR: u64 = 4 * 1024;
+/// Under memory pressure, connections that made no progress for this long are reset before
+/// any that did: an attacker's held message makes none, a busy client's requests do.
+pub const IDLE_FIRST_AFTER: Duration = Duration::from_secs(1);
 
 /// The guard's bounds.
 #[derive(Clone, Debug)]
@@ -99,6 +107,7 @@ impl Guard {
                 scanned_rss: 0,
                 next_scan: Instant::now(),
                 next_trim: Instant::now(),
+                trim_due: false,
             };
             guard.run(&stopped);
         })?;
@@ -134,27 +143,36 @@ struct Scanner {
     scanned_rss: u64,
     next_scan: Instant,
     next_trim: Instant,
+    /// Connections were reset since the last trim: their memory is free but still resident.
+    trim_due: bool,
 }
 
 impl Scanner {
     fn run(&mut self, stopped: &Receiver<()>) {
+        let mut tick = TICK;
         loop {
-            match stopped.recv_timeout(TICK) {
+            match stopped.recv_timeout(tick) {
                 Err(RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
             }
             let now = Instant::now();
             let rss = self.rss.as_ref().and_then(Rss::read).unwrap_or(0);
+            tick = match self.limits.memory_limit {
+                Some(limit) if rss >= limit / 2 => TICK,
+                _ => TICK_RELAXED,
+            };
             let pressure = self.update_shedding(rss);
             if pressure || now >= self.next_scan || rss >= self.scanned_rss + SCAN_ON_GROWTH {
-                self.scan(now, pressure.then_some(rss));
+                self.trim_due |= self.scan(now, pressure.then_some(rss)) > 0;
                 self.scanned_rss = rss;
                 self.next_scan = now + SCAN_EVERY;
             }
-            // While shedding, hand freed memory back to the OS so the resident size reflects
-            // what is in use (glibc keeps small freed chunks in its arenas otherwise).
-            if self.shared.shedding() && now >= self.next_trim {
+            // After resets and while shedding, hand freed memory back to the OS so the
+            // resident size reflects what is in use (glibc keeps freed chunks in its arenas):
+            // otherwise memory an attacker made libzmq allocate stays resident after it left.
+            if (self.trim_due || self.shared.shedding()) && now >= self.next_trim {
                 crate::sys::trim_malloc();
+                self.trim_due = false;
                 self.next_trim = now + SCAN_EVERY;
             }
         }
@@ -187,12 +205,12 @@ impl Scanner {
     }
 
     /// Measures every connection and resets those over a bound. With `pressure` (the
-    /// resident memory), also resets the largest holders.
-    fn scan(&mut self, now: Instant, pressure: Option<u64>) {
+    /// resident memory), also resets the largest holders. Returns how many it reset.
+    fn scan(&mut self, now: Instant, pressure: Option<u64>) -> u64 {
         let conns = self.registry.snapshot();
         let mut resets = [0u64; ResetReason::SLOTS];
-        // (inbound held, both directions held, connection)
-        let mut holders: Vec<(u64, u64, &Arc<Conn>)> = Vec::with_capacity(conns.len());
+        // (inbound held, both directions held, no progress for IDLE_FIRST_AFTER, connection)
+        let mut holders: Vec<(u64, u64, bool, &Arc<Conn>)> = Vec::with_capacity(conns.len());
         let (mut total_in, mut total_out) = (0u64, 0u64);
         for conn in &conns {
             if conn.reset_reason().is_some() || conn.measure().is_err() {
@@ -236,7 +254,8 @@ impl Scanner {
             }
             total_in += held_in;
             total_out += held_out;
-            holders.push((held_in, held_in + held_out, conn));
+            let idle = now.duration_since(p.in_since.min(p.out_since)) >= IDLE_FIRST_AFTER;
+            holders.push((held_in, held_in + held_out, idle, conn));
         }
         // Forget connections that are gone.
         if self.progress.len() > conns.len() {
@@ -247,7 +266,7 @@ impl Scanner {
         let mut over = total_in.saturating_sub(self.limits.buffered_bytes);
         if over > 0 {
             holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-            for (held_in, _, conn) in &holders {
+            for (held_in, _, _, conn) in &holders {
                 if over == 0 || *held_in == 0 {
                     break;
                 }
@@ -258,13 +277,18 @@ impl Scanner {
                 }
             }
         }
-        // Near the memory limit: free at least what lies above the resume mark, largest
-        // holders (either direction) first, and always something if anyone holds anything.
+        // Near the memory limit: free at least what lies above the resume mark, connections
+        // without progress first, then the largest holders (either direction), and always
+        // something if anyone holds anything.
         if let (Some(rss), Some(limit)) = (pressure, self.limits.memory_limit) {
             let mut to_free = rss.saturating_sub(limit / 100 * RESUME_AT_PERCENT).max(1);
-            holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.1));
-            for (held_in, held, conn) in &holders {
-                if to_free == 0 || *held == 0 {
+            // A connection holding no more than the stall floor cannot be what fills memory
+            // (even as tiny frames, 4 KiB is 128 KiB in libzmq): a client between requests,
+            // or with a small reply on its way, is left alone.
+            holders.retain(|h| h.1 > STALL_FLOOR);
+            holders.sort_unstable_by_key(|h| (std::cmp::Reverse(h.2), std::cmp::Reverse(h.1)));
+            for (held_in, held, _, conn) in &holders {
+                if to_free == 0 {
                     break;
                 }
                 if conn.reset(ResetReason::Memory) {
@@ -276,6 +300,7 @@ impl Scanner {
         }
         self.metrics.set_buffered(total_in, total_out);
         self.report(&resets);
+        resets.iter().sum()
     }
 
     fn report(&self, resets: &[u64; ResetReason::SLOTS]) {
@@ -351,6 +376,7 @@ mod tests {
             scanned_rss: 0,
             next_scan: Instant::now(),
             next_trim: Instant::now(),
+            trim_due: false,
         };
         assert!(!scanner.update_shedding(800));
         assert!(!scanner.shared.shedding());

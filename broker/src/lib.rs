@@ -245,6 +245,11 @@ impl Broker {
         } else {
             None
         };
+        // The admin port first: if it is taken, nothing has been bound for clients yet.
+        let admin = admin::Admin::spawn(config.admin, Arc::clone(&status), Arc::clone(&metrics))?;
+        if let Some(path) = config.frontend.ipc_path() {
+            ipc_path_free(path)?;
+        }
         let (front, monitor) = front_sockets(&front_ctx, config, zap.is_some())?;
         let registry = Arc::new(conns::Registry::default());
         let conns = conns::Table::new(
@@ -265,7 +270,6 @@ impl Broker {
             Arc::clone(&metrics),
         )
         .map_err(Error::Guard)?;
-        let admin = admin::Admin::spawn(config.admin, Arc::clone(&status), Arc::clone(&metrics))?;
 
         // Requests go to the workers, and outcomes come back, over channels: the first free
         // worker takes the next request. Unbounded in type, bounded in use: the in-flight
@@ -338,11 +342,28 @@ impl Broker {
         drop(front_ctx);
         guard.stop();
         admin.stop();
+        if let Some(path) = config.frontend.ipc_path() {
+            // libzmq leaves the socket file behind.
+            let _ = std::fs::remove_file(path);
+        }
         let exit = exit?;
         if matches!(exit, Exit::Drained { .. }) {
             log::info!("stopped cleanly");
         }
         Ok(exit)
+    }
+}
+
+/// Refuses an ipc:// path another process is listening on: libzmq would silently take the
+/// path over, leaving the other broker running but unreachable. A stale file (nobody
+/// listening) is fine: libzmq replaces it.
+fn ipc_path_free(path: &str) -> Result<(), Error> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(Error::Bind {
+            endpoint: format!("ipc://{path}"),
+            source: zmq::Error::EADDRINUSE,
+        }),
+        Err(_) => Ok(()),
     }
 }
 
@@ -388,6 +409,9 @@ fn front_sockets(
     // Notice clients that vanished without a FIN (a node died) instead of holding their pipes.
     socket.set_tcp_keepalive(1).map_err(socket_error)?;
     socket.set_tcp_keepalive_idle(60).map_err(socket_error)?;
+    if config.frontend.ipv6() {
+        socket.set_ipv6(true).map_err(socket_error)?;
+    }
     if let Some(curve) = &config.curve {
         // A CURVE server refuses every other mechanism: plaintext clients fail the handshake.
         socket.set_curve_server(true).map_err(socket_error)?;

@@ -11,7 +11,7 @@
 //! ```
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,10 @@ pub enum Unhealthy {
 #[derive(Debug)]
 pub struct Status {
     state: AtomicU8,
+    /// `--max-connections` are open: a new client would be refused.
+    full: AtomicBool,
+    /// New work is refused to stay inside the memory limit.
+    shedding: AtomicBool,
     epoch: Instant,
     heartbeat_ms: AtomicU64,
     stuck_after: Duration,
@@ -93,6 +97,8 @@ impl Status {
     pub fn new(stuck_after: Duration, activity: Arc<Activity>) -> Status {
         Status {
             state: AtomicU8::new(State::Starting as u8),
+            full: AtomicBool::new(false),
+            shedding: AtomicBool::new(false),
             epoch: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
             stuck_after,
@@ -113,9 +119,34 @@ impl Status {
         }
     }
 
-    /// Ready to be sent traffic: only while serving, never once SIGTERM arrived.
+    /// Ready to be sent traffic: only while serving (never once a stop signal arrived), and
+    /// not while a new connection or new work would be refused.
     pub fn ready(&self) -> bool {
-        self.state() == State::Serving
+        self.not_ready_because().is_none()
+    }
+
+    /// Why the broker is not ready, if it is not.
+    pub fn not_ready_because(&self) -> Option<String> {
+        let state = self.state();
+        if state != State::Serving {
+            Some(state.to_string())
+        } else if self.full.load(Ordering::Relaxed) {
+            Some("at --max-connections".into())
+        } else if self.shedding.load(Ordering::Relaxed) {
+            Some("shedding load near --memory-limit".into())
+        } else {
+            None
+        }
+    }
+
+    /// Whether `--max-connections` are open (set by the coordinator).
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Relaxed);
+    }
+
+    /// Whether new work is refused for memory (set by the guard).
+    pub fn set_shedding(&self, shedding: bool) {
+        self.shedding.store(shedding, Ordering::Relaxed);
     }
 
     /// Called by the coordinator every time its loop turns, with the time it read.
@@ -167,6 +198,16 @@ mod tests {
         let status = Status::new(Duration::from_secs(1), Arc::new(Activity::new(1)));
         assert!(!status.ready());
         status.set(State::Serving);
+        assert!(status.ready());
+        status.set_full(true);
+        assert_eq!(
+            status.not_ready_because().as_deref(),
+            Some("at --max-connections")
+        );
+        status.set_full(false);
+        status.set_shedding(true);
+        assert!(!status.ready());
+        status.set_shedding(false);
         assert!(status.ready());
         status.set(State::Stopping);
         assert!(!status.ready());

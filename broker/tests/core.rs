@@ -404,6 +404,45 @@ fn a_message_of_too_many_frames_is_refused_and_its_connection_stays_clean() {
     );
 }
 
+/// ZMTP heartbeats are read by libzmq, never by the broker: without the heartbeat credit they
+/// would pile up as bytes the connection seems to hold, and an idle client with heartbeats on
+/// would be reset as stalled. At 1 ms, 4 s of PINGs are 36 KB, far over the 4 KiB floor.
+#[test]
+fn a_client_with_heartbeats_on_is_not_taken_for_a_stalled_one() {
+    let broker = Broker::start(&["--workers", "1", "--stall-timeout", "1s"]);
+    let ctx = zmq::Context::new();
+    let socket = ctx.socket(zmq::DEALER).expect("dealer");
+    socket.set_heartbeat_ivl(1).expect("heartbeat interval");
+    socket.set_linger(0).expect("linger");
+    socket.connect(&broker.front).expect("connect");
+    let ask = |body: &[u8]| {
+        socket.send_multipart([&b""[..], body], 0).expect("send");
+        assert!(
+            socket.poll(zmq::POLLIN, 10_000).expect("poll") > 0,
+            "no reply"
+        );
+        socket.recv_multipart(0).expect("reply")
+    };
+    assert_eq!(ask(b"first"), [&b""[..], b"OK", b"first"]);
+    let idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            common::metric(
+                &broker,
+                "broker_connections_reset_total{reason=\"stalled\"}"
+            ),
+            0.0,
+            "an idle client with heartbeats was reset as stalled"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // between scrapes
+    }
+    assert!(
+        common::metric(&broker, "broker_buffered_bytes{direction=\"in\"}") < 4096.0,
+        "heartbeats counted as held"
+    );
+    assert_eq!(ask(b"second"), [&b""[..], b"OK", b"second"]);
+}
+
 #[test]
 fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
     use std::io::Write;
@@ -522,6 +561,13 @@ fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
             "--max-inflight-bytes",
         ),
         (&["--memory-limit", "lots"], &[], "--memory-limit"),
+        // Values that parse but cannot work (found by the red team).
+        (&["--memory-limit", "1MiB"], &[], "--memory-limit"),
+        (&["--stall-timeout", "0s"], &[], "--stall-timeout"),
+        (&["--stall-timeout", "999ms"], &[], "--stall-timeout"),
+        (&["--stuck-after", "1ms"], &[], "--stuck-after"),
+        (&["--max-message-bytes", "63"], &[], "--max-message-bytes"),
+        (&["--frontend", "ipc://*"], &[], "--frontend"),
     ];
     for (args, env, needle) in cases {
         let (code, output, log) = run_to_exit(args, env);
@@ -561,14 +607,38 @@ fn more_connections_than_file_descriptors_allow_exit_2() {
 #[test]
 fn the_extremes_of_every_accepted_range_work() {
     // The smallest message limit: clients still connect (the handshake has its own room),
-    // a one-byte body is served and a two-byte one refused.
-    let tiny = Broker::start(&["--workers", "1", "--max-message-bytes", "1"]);
+    // a 64-byte body is served and a 65-byte one refused, and the exec probe still passes.
+    let tiny = Broker::start(&["--workers", "1", "--max-message-bytes", "64"]);
     let client = Client::dealer(&tiny.front, true);
-    assert_eq!(ok(client.request(&[b"x"])), [b"x".to_vec()]);
+    assert_eq!(ok(client.request(&[&[7u8; 64]])), [vec![7u8; 64]]);
     assert_eq!(
-        err_code(&client.request(&[b"xy"])),
+        err_code(&client.request(&[&[7u8; 65]])),
         Some(ErrorCode::TooLarge)
     );
+    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["probe", "--endpoint", &tiny.front])
+        .status()
+        .expect("probe runs");
+    assert!(probe.success(), "the probe fits the smallest limit");
+    // The shortest patience: an idle client is not reset, the idle broker stays live.
+    let patient = Broker::start(&["--stall-timeout", "1s", "--stuck-after", "1s"]);
+    let client = Client::dealer(&patient.front, true);
+    assert_eq!(ok(client.request(&[b"a"])), [b"a".to_vec()]);
+    patient.wait_for_log("state starting -> serving", EVENT_TIMEOUT);
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(3) {
+        assert_eq!(patient.http_get("/livez").0, 200, "an idle broker is live");
+        std::thread::sleep(Duration::from_millis(200)); // between probes
+    }
+    assert_eq!(ok(client.request(&[b"b"])), [b"b".to_vec()]);
+    // IPv6, where the machine has it: the socket is told to bind it.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let port = common::free_port();
+        let endpoint = format!("tcp://[::1]:{port}");
+        let _v6 = Broker::start(&["--frontend", &endpoint]);
+        let client = Client::dealer(&endpoint, true);
+        assert_eq!(ok(client.request(&[b"six"])), [b"six".to_vec()]);
+    }
     // The largest pool, and the largest in-flight table, which costs nothing until used.
     let big = Broker::start(&["--workers", "1000", "--max-inflight", "1000000"]);
     let client = Client::req(&big.front);
@@ -655,6 +725,30 @@ fn port_in_use_is_fatal_with_exit_1() {
         output.contains("cannot bind") && output.contains("ERROR"),
         "{output}"
     );
+}
+
+/// An ipc:// path another broker serves is refused like a taken port (libzmq would take the
+/// path over and leave the first broker unreachable), and a clean exit removes the socket file.
+#[test]
+fn an_ipc_path_in_use_is_fatal_and_a_clean_exit_removes_it() {
+    let dir = std::env::temp_dir().join(format!("broker-ipc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("front.sock");
+    let endpoint = format!("ipc://{}", path.display());
+    let mut first = Broker::start(&["--frontend", &endpoint]);
+    let (code, output, _) = run_to_exit(&["--frontend", &endpoint], &[]);
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("cannot bind"), "{output}");
+    // The first is still the one answering.
+    let client = Client::dealer(&endpoint, true);
+    assert_eq!(
+        ok(client.request(&[b"still mine"])),
+        [b"still mine".to_vec()]
+    );
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait_exit(EVENT_TIMEOUT).success());
+    assert!(!path.exists(), "the socket file is left behind");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

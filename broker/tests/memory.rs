@@ -448,6 +448,73 @@ fn messages_of_tiny_frames_are_caught_by_the_memory_guard() {
     debug_assertions,
     ignore = "needs --release: the attacks outrun a debug build"
 )]
+fn unfinished_messages_of_tiny_frames_are_reset_as_stalled() {
+    let _serial = serial();
+    let mut pod = Pod::start(&[]);
+    let good = GoodClient::start(pod.port);
+    // Found by the red team: 31,000 empty frames (62 KB on the wire, 2 MB in libzmq) per
+    // connection, the message never finished, stayed under every byte bound and held most
+    // of the memory for ever. 100 connections.
+    let peers: Vec<RawPeer> = (0..100)
+        .filter_map(|_| {
+            let mut peer = RawPeer::connect(pod.port, None).ok()?;
+            peer.empty_frames(31_000).ok()?;
+            Some(peer)
+        })
+        .collect();
+    assert!(
+        peers.len() >= 90,
+        "only {} attackers connected",
+        peers.len()
+    );
+    let held = pod.rss();
+    let stall: Duration = humantime::parse_duration(&production_pod().env["BROKER_STALL_TIMEOUT"])
+        .expect("BROKER_STALL_TIMEOUT");
+    eventually("every holder reset", stall + EVENT_TIMEOUT, || {
+        pod.resets("stalled") >= peers.len() as f64
+    });
+    pod.assert_within_limit("100 x unfinished 31,000 empty frames");
+    // The memory they held goes back to the OS.
+    eventually("memory returned", EVENT_TIMEOUT, || pod.rss() < held / 2.0);
+    eprintln!(
+        "unfinished tiny frames: RSS {:.1} MiB while held, {:.1} MiB after the resets",
+        held / MIB as f64,
+        pod.rss() / MIB as f64
+    );
+    let (ok, _) = good.finish();
+    assert!(ok > 0, "the good client was served during the attack");
+    drop(peers);
+}
+
+/// A `--memory-limit` above the cgroup's would let the kernel's OOM killer act before the
+/// guard (found by the red team): refused with exit 2.
+#[test]
+fn a_memory_limit_above_the_cgroup_limit_exits_2() {
+    let Some(cgroup) = MemoryCgroup::create(256 * MIB) else {
+        eprintln!("no memory cgroup can be made here: skipped");
+        return;
+    };
+    let procs = cgroup.procs();
+    let mut broker = Broker::spawn_in(
+        &["--memory-limit", "1GiB"],
+        &[],
+        free_port(),
+        free_port(),
+        Some(&procs),
+    );
+    assert_eq!(broker.wait_exit(EVENT_TIMEOUT).code(), Some(2));
+    let stderr = broker.stderr_text();
+    assert!(
+        stderr.contains("--memory-limit") && stderr.contains("cgroup"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs --release: the attacks outrun a debug build"
+)]
 fn connections_beyond_the_limit_are_refused_and_counted() {
     let _serial = serial();
     let mut pod = Pod::start(&[]);
@@ -469,6 +536,12 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
     eventually("exactly --max-connections served", EVENT_TIMEOUT, || {
         metric(&pod.broker, "broker_connections") == max as f64
     });
+    // A full pod is not ready: new clients go to other pods instead of being refused here.
+    let (code, body) = pod.broker.http_get("/readyz");
+    assert_eq!(
+        (code, body.trim()),
+        (503, "not ready: at --max-connections")
+    );
     // Counted once, as `limit`: the reset the refusal sends is not also a failed handshake.
     assert_eq!(
         metric(
@@ -489,6 +562,9 @@ fn connections_beyond_the_limit_are_refused_and_counted() {
     drop(peers);
     eventually("slots freed", EVENT_TIMEOUT, || {
         metric(&pod.broker, "broker_connections") == 1.0
+    });
+    eventually("ready again", EVENT_TIMEOUT, || {
+        pod.broker.http_get("/readyz").0 == 200
     });
     let (ok, _) = good.finish();
     assert!(ok > 0);

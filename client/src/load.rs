@@ -284,6 +284,8 @@ fn connect(ctx: &zmq::Context, plan: &Plan) -> Result<zmq::Socket, Error> {
     let zmq = |what| move |e| Error::Zmq(what, e);
     let socket = ctx.socket(zmq::DEALER).map_err(zmq("socket"))?;
     socket.set_linger(0).map_err(zmq("linger"))?;
+    // IPv6 endpoints as well as IPv4 ones (libzmq connects IPv4 only by default).
+    socket.set_ipv6(true).map_err(zmq("ipv6"))?;
     socket.set_sndhwm(0).map_err(zmq("sndhwm"))?;
     socket.set_rcvhwm(0).map_err(zmq("rcvhwm"))?;
     // Queue only to peers that are connected: an address that does not answer (a pod being

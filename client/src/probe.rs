@@ -30,11 +30,23 @@ pub struct ProbeArgs {
     #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = parse_timeout, default_value = "500ms")]
     pub timeout: Duration,
     /// Probe this admin URL (e.g. http://127.0.0.1:8000/livez) instead; 2xx is healthy.
-    #[arg(long, env = "BROKER_PROBE_HTTP")]
+    #[arg(long, env = "BROKER_PROBE_HTTP", value_parser = parse_http_url)]
     pub http: Option<String>,
     /// CURVE settings, for a broker that requires them.
     #[command(flatten)]
     pub curve: CurveArgs,
+}
+
+/// `http://HOST:PORT/path`: what [`probe_http`] can request (no TLS, a host and a port).
+fn parse_http_url(text: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected http://HOST:PORT/PATH";
+    let rest = text.strip_prefix("http://").ok_or(EXPECTED)?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let port = authority.rsplit_once(':').map(|(_, p)| p);
+    match port.map(str::parse::<u16>) {
+        Some(Ok(p)) if p > 0 && authority.len() > p.to_string().len() + 1 => Ok(text.to_owned()),
+        _ => Err(EXPECTED.into()),
+    }
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -129,6 +141,9 @@ pub fn probe_zmq(
     socket
         .set_linger(0)
         .map_err(|e| ProbeError::Zmq("linger", e))?;
+    socket
+        .set_ipv6(true)
+        .map_err(|e| ProbeError::Zmq("ipv6", e))?;
     security
         .apply(&socket)
         .map_err(|e| ProbeError::Curve(e.to_string()))?;

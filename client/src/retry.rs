@@ -240,6 +240,8 @@ impl Client {
                 .map_err(|e| Error::Zmq("socket", e))?;
             // Closing must never wait; an unanswered request is retried on a new socket.
             socket.set_linger(0).map_err(|e| Error::Zmq("linger", e))?;
+            // IPv6 endpoints as well as IPv4 ones (libzmq connects IPv4 only by default).
+            socket.set_ipv6(true).map_err(|e| Error::Zmq("ipv6", e))?;
             // Queue only to peers that are connected: an address that does not answer (a pod
             // being replaced) must not swallow requests.
             socket

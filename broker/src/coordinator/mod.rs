@@ -436,6 +436,10 @@ impl Coordinator {
         self.metrics
             .set_held(self.held.seconds, self.held.count, self.held.since);
         self.rec.flush();
+        // Readiness: not while a new client or new work would be refused.
+        self.status
+            .set_full(self.conns.open() >= self.config.max_connections);
+        self.status.set_shedding(self.guard.shedding());
     }
 
     /// Refreshes outbound estimates from the guard's measurements and publishes gauges.

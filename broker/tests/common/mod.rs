@@ -290,6 +290,7 @@ impl Client {
         let ctx = zmq::Context::new();
         let socket = ctx.socket(kind).expect("client socket");
         socket.set_linger(0).expect("linger");
+        socket.set_ipv6(true).expect("ipv6");
         socket.connect(endpoint).expect("connect");
         Client {
             socket,
