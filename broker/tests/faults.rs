@@ -463,8 +463,8 @@ fn slow_and_vanished_clients_at_scale_do_not_hurt_others() {
             .expect("health reply");
     }
     // 100 clients that stop reading. Three of them are sent 12 MiB of replies each: more than
-    // the broker's queue for them (1000 replies) and the kernel's socket buffers (up to 4 MiB
-    // each way) can hold, so some must be dropped.
+    // --max-connection-bytes (4 MiB, the kernel's 256 KiB buffers included) lets one hold, so
+    // some must be dropped.
     let (small, large) = (vec![b'0'; 256], vec![b'0'; 4096]);
     let deaf: Vec<zmq::Socket> = (0..100)
         .map(|i| {
