@@ -60,11 +60,16 @@ fn pin(cores: &[usize]) {
     let _ = sched_setaffinity(Pid::from_raw(0), &set);
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up here), so no outgoing
+/// connection (the load client's own) can be handed it before the broker binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id() % 10_000;
+    (0..20_000u32)
+        .map(|i| (12_000 + (seed + NEXT.fetch_add(1, Ordering::Relaxed) + i) % 20_000) as u16)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// The broker binary, pinned to `core`, stopped with SIGTERM on drop.

@@ -373,6 +373,9 @@ mod tests {
                 let frames: [&[u8]; 5] = [routing, reply_id, b"", b"OK", body];
                 peer.send_multipart(frames, 0).expect("reply");
             }
+            // Kept open until the client has its reply: closing a socket right after a send
+            // can lose what is still queued.
+            peer
         });
         let policy = RetryPolicy {
             timeout: Duration::from_secs(5),
@@ -384,7 +387,7 @@ mod tests {
             client.request(&[b"mine"]).expect("reply"),
             [b"mine".to_vec()]
         );
-        server.join().expect("peer");
+        drop(server.join().expect("peer"));
         assert_eq!((client.stats().stale, client.stats().ok), (1, 1));
     }
 }
