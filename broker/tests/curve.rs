@@ -187,6 +187,27 @@ fn authorized_clients_are_served_and_every_other_client_is_refused_and_counted()
         [b"still".to_vec()]
     );
     broker.wait_for_log("refused", EVENT_TIMEOUT);
+
+    // `broker probe` fails on each and says which key to fix.
+    let probe = |server_key: Option<&str>, key_file: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
+        command.args(["probe", "--endpoint", &broker.front, "--timeout", "2s"]);
+        if let Some(key) = server_key {
+            command.args(["--curve-server-key", key]);
+        }
+        if let Some(file) = key_file {
+            command.arg("--curve-key-file").arg(file);
+        }
+        let output = command.output().expect("probe runs");
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let text = probe(Some(&public), Some(&mallory.file));
+    assert!(text.contains("not in --curve-allow-keys"), "{text}");
+    let text = probe(Some(&encode_key(&mallory.public)), Some(&alice.file));
+    assert!(text.contains("--curve-server-key"), "{text}");
+    let text = probe(None, None);
+    assert!(text.contains("CURVE"), "{text}");
 }
 
 #[test]

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use shared::protocol::{parse_reply, Reply, HEALTH_REQUEST};
+use shared::socket::{
+    monitor_event, try_recv_frames, PROTOCOL_ERROR_CRYPTOGRAPHIC, PROTOCOL_ERROR_MECHANISM_MISMATCH,
+};
 
 use crate::security::{CurveArgs, Security};
 
@@ -65,9 +68,9 @@ pub enum ProbeError {
     /// The endpoint is not one a client can connect to.
     #[error("{0}: expected tcp://HOST:PORT or ipc://PATH")]
     Endpoint(String),
-    /// Nothing came back in time.
-    #[error("no reply from {0} within {1:?}")]
-    Timeout(String, Duration),
+    /// Nothing came back in time; the last says what the connection did meanwhile.
+    #[error("no reply from {0} within {1:?}: {2}")]
+    Timeout(String, Duration, String),
     /// Something came back, but not a health reply.
     #[error("unexpected reply from {0}: {1}")]
     BadReply(String, String),
@@ -147,6 +150,8 @@ pub fn probe_zmq(
     security
         .apply(&socket)
         .map_err(|e| ProbeError::Curve(e.to_string()))?;
+    let monitor = watch(&ctx, &socket).map_err(|e| ProbeError::Zmq("monitor", e))?;
+    let mut seen = Seen::default();
     socket
         .connect(endpoint)
         .map_err(|e| ProbeError::Zmq("connect", e))?;
@@ -154,11 +159,29 @@ pub fn probe_zmq(
         .send(HEALTH_REQUEST, zmq::DONTWAIT)
         .map_err(|e| ProbeError::Zmq("send", e))?;
     let deadline = Instant::now() + timeout;
+    let mut events = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match socket.poll(zmq::POLLIN, left.as_millis() as i64) {
-            Ok(0) => return Err(ProbeError::Timeout(endpoint.into(), timeout)),
-            Ok(_) => break,
+        let mut items = [
+            socket.as_poll_item(zmq::POLLIN),
+            monitor.as_poll_item(zmq::POLLIN),
+        ];
+        match zmq::poll(&mut items, left.as_millis() as i64) {
+            Ok(0) => {
+                return Err(ProbeError::Timeout(
+                    endpoint.into(),
+                    timeout,
+                    seen.why().into(),
+                ))
+            }
+            Ok(_) if items[0].is_readable() => break,
+            Ok(_) => {
+                while let Ok(true) = try_recv_frames(&monitor, &mut events, 2) {
+                    if let Some((event, value)) = events.first().and_then(|f| monitor_event(f)) {
+                        seen.note(event, value);
+                    }
+                }
+            }
             Err(zmq::Error::EINTR) if !left.is_zero() => continue,
             Err(e) => return Err(ProbeError::Zmq("poll", e)),
         }
@@ -172,6 +195,80 @@ pub fn probe_zmq(
         }
         Ok(other) => Err(ProbeError::BadReply(endpoint.into(), format!("{other:?}"))),
         Err(e) => Err(ProbeError::BadReply(endpoint.into(), e.to_string())),
+    }
+}
+
+/// Attaches a monitor to `socket`: libzmq tells a client why a handshake failed only through
+/// monitor events, and "no reply" alone does not say whether to fix a key or the broker.
+fn watch(ctx: &zmq::Context, socket: &zmq::Socket) -> zmq::Result<zmq::Socket> {
+    const MONITOR: &str = "inproc://probe-monitor";
+    let events = zmq::SocketEvent::CONNECTED as i32
+        | zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
+        | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32;
+    socket.monitor(MONITOR, events)?;
+    let monitor = ctx.socket(zmq::PAIR)?;
+    monitor.set_linger(0)?;
+    monitor.connect(MONITOR)?;
+    Ok(monitor)
+}
+
+/// What the probe's connection did, from its monitor events; the last failure wins, a
+/// finished handshake clears it.
+#[derive(Debug, Default)]
+struct Seen {
+    connected: bool,
+    handshake_done: bool,
+    failure: Option<&'static str>,
+}
+
+impl Seen {
+    fn note(&mut self, event: u16, value: u32) {
+        use zmq::SocketEvent as E;
+        let failure = match event {
+            e if e == E::CONNECTED as u16 => {
+                self.connected = true;
+                return;
+            }
+            e if e == E::HANDSHAKE_SUCCEEDED as u16 => {
+                self.handshake_done = true;
+                self.failure = None;
+                return;
+            }
+            // The broker's ZAP handler answered 400 (the only refusal it gives).
+            e if e == E::HANDSHAKE_FAILED_AUTH as u16 => {
+                "the broker refused this client (its address is not in --allow-from or its \
+                 CURVE key is not in --curve-allow-keys)"
+            }
+            e if e == E::HANDSHAKE_FAILED_PROTOCOL as u16 => match value {
+                PROTOCOL_ERROR_MECHANISM_MISMATCH => {
+                    "security mismatch: one side uses CURVE and the other does not \
+                     (--curve-server-key)"
+                }
+                PROTOCOL_ERROR_CRYPTOGRAPHIC => {
+                    "the CURVE handshake failed (is --curve-server-key the broker's public key?)"
+                }
+                _ => "the ZMTP handshake failed (not a ZeroMQ 3.x+ peer?)",
+            },
+            // The broker hung up mid-handshake: how a wrong server key or a plaintext client
+            // of a CURVE broker looks from this side.
+            e if e == E::HANDSHAKE_FAILED_NO_DETAIL as u16 => {
+                "the broker closed the connection during the handshake (a wrong \
+                 --curve-server-key, or a broker that requires CURVE)"
+            }
+            _ => return,
+        };
+        self.failure = Some(failure);
+    }
+
+    fn why(&self) -> &'static str {
+        match (self.failure, self.connected, self.handshake_done) {
+            (Some(failure), _, _) => failure,
+            (None, false, _) => "could not connect (nothing listening, or a full backlog)",
+            (None, true, false) => "connected, but the handshake did not finish",
+            (None, true, true) => "connected and handshaken, but no answer (a stuck broker?)",
+        }
     }
 }
 

@@ -3,6 +3,24 @@
 
 use zmq::{Message, Socket};
 
+/// libzmq's protocol error (zmq.h) for a CURVE box that did not open (a wrong server key), the
+/// value of a `HANDSHAKE_FAILED_PROTOCOL` monitor event.
+pub const PROTOCOL_ERROR_CRYPTOGRAPHIC: u32 = 0x1100_0001;
+/// libzmq's protocol error (zmq.h) for peers on different security mechanisms (CURVE vs NULL).
+pub const PROTOCOL_ERROR_MECHANISM_MISMATCH: u32 = 0x1100_0002;
+
+/// Decodes the first frame of a socket monitor event (libzmq's v1 format: a `u16` event then a
+/// `u32` value: an fd, an errno or a protocol error code, depending on the event).
+pub fn monitor_event(frame: &[u8]) -> Option<(u16, u32)> {
+    match *frame {
+        [e0, e1, v0, v1, v2, v3] => Some((
+            u16::from_le_bytes([e0, e1]),
+            u32::from_le_bytes([v0, v1, v2, v3]),
+        )),
+        _ => None,
+    }
+}
+
 /// Receives every frame of one message into `frames` (cleared first).
 ///
 /// With `zmq::DONTWAIT`, `Err(EAGAIN)` means nothing was waiting; once the first frame has been

@@ -22,7 +22,10 @@ use shared::protocol::{
     classify, echoes_envelope, encode_err, encode_ok, envelope_len, wire_size, RequestKind,
     FRAME_OVERHEAD, MAX_FRAMES, STATUS_OK,
 };
-use shared::socket::{send_one, try_recv_frames, try_recv_message};
+use shared::socket::{
+    monitor_event, send_one, try_recv_frames, try_recv_message, PROTOCOL_ERROR_CRYPTOGRAPHIC,
+    PROTOCOL_ERROR_MECHANISM_MISMATCH,
+};
 use shared::{ErrorCode, Metrics};
 use worker::{Activity, Event, Job, Waker};
 use zmq::{Message, Socket};
@@ -55,9 +58,6 @@ const MEASURE_ALL_EVERY: Duration = Duration::from_millis(10);
 /// How often the `--curve-allow-keys` file is checked for changes (also before every batch of
 /// handshakes), so a removed key's connections are reset within about this long.
 const KEY_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// libzmq's protocol error codes (zmq.h) behind a failed handshake that name a reason.
-const PROTOCOL_ERROR_CRYPTOGRAPHIC: u32 = 0x1100_0001;
-const PROTOCOL_ERROR_MECHANISM_MISMATCH: u32 = 0x1100_0002;
 
 /// A fatal coordinator error.
 #[derive(Debug, thiserror::Error)]
@@ -494,12 +494,11 @@ impl Coordinator {
                     })
                 }
             }
-            // v1 events: [u16 event, u32 value (the fd)] then the endpoint.
-            let Some(head) = self.frames.first().filter(|f| f.len() == 6) else {
+            // The endpoint (second frame) is not needed: fds name connections.
+            let Some((event, value)) = self.frames.first().and_then(|f| monitor_event(f)) else {
                 continue;
             };
-            let event = u16::from_le_bytes([head[0], head[1]]);
-            let fd = u32::from_le_bytes([head[2], head[3], head[4], head[5]]) as RawFd;
+            let fd = value as RawFd;
             if event == zmq::SocketEvent::ACCEPTED as u16 {
                 match self.conns.accepted(fd) {
                     Accepted::Tracked => {}
@@ -510,13 +509,12 @@ impl Coordinator {
                     Accepted::Untracked => log::debug!("accepted fd {fd} already gone"),
                 }
             } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as u16 {
-                // The value is libzmq's protocol error code, not an fd.
-                let reason = match fd as u32 {
+                let reason = match value {
                     PROTOCOL_ERROR_CRYPTOGRAPHIC => "server_key",
                     PROTOCOL_ERROR_MECHANISM_MISMATCH => "mechanism",
                     _ => "handshake",
                 };
-                log::debug!("handshake failed: {reason} (protocol error {fd:#x})");
+                log::debug!("handshake failed: {reason} (protocol error {value:#x})");
                 self.refusals.note(reason, None);
             } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as u16 {
                 // The value is an errno. EPIPE: the peer closed mid-handshake, which is how a
