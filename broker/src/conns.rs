@@ -265,6 +265,8 @@ pub enum Attribution {
 /// A closed connection's final figures.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Closed {
+    /// The connection's serial number.
+    pub id: u64,
     /// Replies handed to libzmq that the peer never acknowledged: lost with the connection.
     pub undelivered: u64,
     /// Why the broker closed it, if it did.
@@ -388,6 +390,7 @@ impl Table {
             self.registry.remove(conn.id);
         }
         Closed {
+            id: conn.id,
             undelivered: tracked.pending.len() as u64,
             reset: conn.reset_reason(),
             refused,

@@ -446,7 +446,14 @@ fn a_client_with_heartbeats_on_is_not_taken_for_a_stalled_one() {
 #[test]
 fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
     use std::io::Write;
-    let broker = Broker::start(&["--workers", "1", "--max-message-bytes", "1000"]);
+    let broker = Broker::start(&[
+        "--workers",
+        "1",
+        "--max-message-bytes",
+        "1000",
+        "--stall-timeout",
+        "1s",
+    ]);
     let good = Client::dealer(&broker.front, true);
     assert_eq!(ok(good.request(&[b"before"])), [b"before".to_vec()]);
 
@@ -479,6 +486,20 @@ fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
     assert_eq!(ok(good.request(&[b"after"])), [b"after".to_vec()]);
     let fresh = Client::req(&broker.front);
     assert_eq!(ok(fresh.request(&[b"new"])), [b"new".to_vec()]);
+
+    // The half greeting is closed when the handshake timer (--stall-timeout) fires, and the
+    // failed handshakes are counted.
+    half.set_read_timeout(Some(EVENT_TIMEOUT))
+        .expect("read timeout");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut half, &mut rest).expect("closed by the broker");
+    common::eventually("failed handshakes counted", EVENT_TIMEOUT, || {
+        common::metric(
+            &broker,
+            "broker_connections_refused_total{reason=\"handshake\"}",
+        ) >= 2.0
+    });
+    assert_eq!(ok(good.request(&[b"last"])), [b"last".to_vec()]);
 }
 
 /// Runs the broker to its exit: (exit code, stderr and log together, the log alone).

@@ -269,6 +269,48 @@ fn rotating_the_allow_file_admits_new_keys_and_cuts_off_removed_ones_without_a_r
 }
 
 #[test]
+fn replies_still_being_handled_when_a_key_is_revoked_are_counted_as_reset() {
+    let keys = Keys::new("revoke-inflight");
+    let (server, gone, stays) = (keys.pair("server"), keys.pair("gone"), keys.pair("stays"));
+    let allow = keys.allow(&[&gone, &stays]);
+    let broker = Broker::start(&[
+        "--workers",
+        "2",
+        "--handler",
+        "sleep",
+        "--curve-secret-key-file",
+        server.file.to_str().expect("path"),
+        "--curve-allow-keys",
+        allow.to_str().expect("path"),
+    ]);
+    let mut waiting = client(&broker, security(&server, &gone), Duration::from_secs(8));
+    let request = std::thread::spawn(move || waiting.request(&[b"3000"]));
+    eventually("request in flight", EVENT_TIMEOUT, || {
+        metric(&broker, "broker_inflight_requests") == 1.0
+    });
+    keys.allow(&[&stays]);
+    eventually("connection revoked", EVENT_TIMEOUT, || {
+        metric(
+            &broker,
+            "broker_connections_reset_total{reason=\"revoked\"}",
+        ) == 1.0
+    });
+    // The handler finishes after the reset: its reply has nowhere to go, for a known reason.
+    eventually("late reply dropped", EVENT_TIMEOUT, || {
+        metric(&broker, "broker_replies_dropped_total{reason=\"reset\"}") == 1.0
+    });
+    assert_eq!(
+        metric(
+            &broker,
+            "broker_replies_dropped_total{reason=\"peer_gone\"}"
+        ),
+        0.0
+    );
+    let answer = request.join().expect("client thread");
+    assert!(answer.is_err(), "a revoked client got {answer:?}");
+}
+
+#[test]
 fn bench_runs_over_curve() {
     let keys = Keys::new("bench");
     let (server, client_pair) = (keys.pair("server"), keys.pair("client"));
@@ -293,6 +335,31 @@ fn bench_runs_over_curve() {
     let report: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("bench prints JSON");
     assert_eq!(report["ok"], 2000, "{report}");
+    // A second broker that does not allow this client: the other one's replies must not hide
+    // it (a DEALER sends only where its handshake succeeded).
+    let other = keys.pair("other");
+    let other_allow = keys.write("other-allow", &format!("{}\n", encode_key(&other.public)));
+    let strict = curve_broker(&server, Some(&other_allow));
+    let output = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args([
+            "bench",
+            "--endpoint",
+            &broker.front,
+            "--endpoint",
+            &strict.front,
+        ])
+        .args(["--clients", "4", "--requests", "400"])
+        .args(["--curve-server-key", &encode_key(&server.public)])
+        .arg("--curve-key-file")
+        .arg(&client_pair.file)
+        .output()
+        .expect("bench runs");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{} refused the connection", strict.front)),
+        "{stderr}"
+    );
     // Without keys, the same bench is refused and says so with its exit code.
     let output = Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([
@@ -319,7 +386,19 @@ fn curve_settings_that_cannot_work_exit_2_before_binding() {
     let empty = keys.write("empty", "# nobody yet\n");
     let garbage = keys.write("garbage", "hello\n");
     let missing = keys.dir.join("missing").to_str().expect("path").to_owned();
+    // Reading either would block or never end: refused as not a regular file.
+    let fifo = keys.dir.join("fifo").to_str().expect("path").to_owned();
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
     let cases: Vec<Vec<String>> = vec![
+        vec!["--curve-secret-key-file".into(), fifo.clone()],
+        vec!["--curve-secret-key-file".into(), "/dev/zero".into()],
+        vec![
+            "--curve-secret-key-file".into(),
+            secret.clone(),
+            "--curve-allow-keys".into(),
+            fifo,
+        ],
         vec!["--curve-allow-keys".into(), secret.clone()],
         vec!["--curve-secret-key-file".into(), missing.clone()],
         vec![
@@ -330,7 +409,7 @@ fn curve_settings_that_cannot_work_exit_2_before_binding() {
             "--curve-secret-key-file".into(),
             secret.clone(),
             "--curve-allow-keys".into(),
-            missing,
+            missing.clone(),
         ],
         vec![
             "--curve-secret-key-file".into(),
@@ -358,5 +437,33 @@ fn curve_settings_that_cannot_work_exit_2_before_binding() {
             "nothing started: {:?}",
             broker.log_lines()
         );
+    }
+
+    // The tools too: a CURVE setting that cannot work is a usage error, not a failed probe.
+    let pair = server.file.to_str().expect("path");
+    let key = encode_key(&server.public);
+    let tool_cases: [&[&str]; 5] = [
+        &["--curve-server-key", "abc", "--curve-key-file", pair],
+        &["--curve-server-key", &key],
+        &["--curve-key-file", pair],
+        &["--curve-server-key", &key, "--curve-key-file", &missing],
+        &[
+            "--curve-server-key-file",
+            "/dev/zero",
+            "--curve-key-file",
+            pair,
+        ],
+    ];
+    for tool in ["probe", "bench"] {
+        for args in tool_cases {
+            let output = Command::new(env!("CARGO_BIN_EXE_broker"))
+                .args([tool, "--endpoint", "tcp://127.0.0.1:9"])
+                .args(args)
+                .output()
+                .expect("tool runs");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{tool} {args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! load driver behind `broker bench` and the benchmarks.
 
 pub mod bench;
+pub mod handshake;
 pub mod load;
 pub mod probe;
 pub mod resolve;

@@ -209,6 +209,9 @@ pub enum Error {
     /// libzmq refused a socket operation.
     #[error("{0}: {1}")]
     Zmq(&'static str, zmq::Error),
+    /// An endpoint refused the handshake.
+    #[error("{0} refused the connection: {1}")]
+    Refused(String, &'static str),
     /// A driver thread could not start or panicked.
     #[error("a driver thread failed")]
     Thread,
@@ -232,6 +235,7 @@ pub fn run(plan: &Plan) -> Result<Report, Error> {
     if plan.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(Error::Plan("the rate must be a number above 0".into()));
     }
+    preflight(plan)?;
     let threads = plan.threads.min(plan.clients);
     let cpu_before = process_cpu();
     let started = Instant::now();
@@ -278,6 +282,47 @@ pub fn run(plan: &Plan) -> Result<Report, Error> {
     let cpus = allowed_cpus() as f64;
     report.process_cpu = (process_cpu() - cpu_before) / (wall * cpus);
     Ok(report)
+}
+
+/// How long the pre-flight waits for each endpoint's handshake.
+const PREFLIGHT_WAIT: Duration = Duration::from_secs(2);
+
+/// Connects once to each endpoint, alone, and fails when one refuses the handshake (a key it
+/// does not allow, the wrong server key, CURVE on one side only). In the run itself a DEALER
+/// sends only to the endpoints that accepted it, so such an endpoint would otherwise go
+/// unnoticed behind the others' replies. An endpoint with nothing listening is left to the
+/// run, as before (a name may resolve to an address that does not answer).
+fn preflight(plan: &Plan) -> Result<(), Error> {
+    let zmq = |what| move |e| Error::Zmq(what, e);
+    let ctx = zmq::Context::new();
+    for endpoint in &plan.endpoints {
+        let socket = ctx.socket(zmq::DEALER).map_err(zmq("socket"))?;
+        socket.set_linger(0).map_err(zmq("linger"))?;
+        socket.set_ipv6(true).map_err(zmq("ipv6"))?;
+        plan.security
+            .apply(&socket)
+            .map_err(|e| Error::Plan(e.to_string()))?;
+        let monitor = crate::handshake::watch(&ctx, &socket).map_err(zmq("monitor"))?;
+        socket.connect(endpoint).map_err(zmq("connect"))?;
+        let mut seen = crate::handshake::Seen::default();
+        let mut frames = Vec::new();
+        let deadline = Instant::now() + PREFLIGHT_WAIT;
+        loop {
+            seen.read(&monitor, &mut frames);
+            if let Some(why) = seen.failure() {
+                return Err(Error::Refused(endpoint.clone(), why));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if seen.handshake_done() || seen.unreachable() || left.is_zero() {
+                break;
+            }
+            match monitor.poll(zmq::POLLIN, left.as_millis().max(1) as i64) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => return Err(Error::Zmq("poll", e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn connect(ctx: &zmq::Context, plan: &Plan) -> Result<zmq::Socket, Error> {

@@ -8,11 +8,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::handshake::{watch, Seen};
 use clap::Args;
 use shared::protocol::{parse_reply, Reply, HEALTH_REQUEST};
-use shared::socket::{
-    monitor_event, try_recv_frames, PROTOCOL_ERROR_CRYPTOGRAPHIC, PROTOCOL_ERROR_MECHANISM_MISMATCH,
-};
 
 use crate::security::{CurveArgs, Security};
 
@@ -77,9 +75,6 @@ pub enum ProbeError {
     /// The admin URL could not be used.
     #[error("{0}")]
     Http(String),
-    /// The CURVE settings could not be used.
-    #[error(transparent)]
-    Key(#[from] crate::security::KeyError),
     /// libzmq refused the CURVE keys.
     #[error("cannot set the CURVE keys: {0}")]
     Curve(String),
@@ -87,13 +82,18 @@ pub enum ProbeError {
 
 /// Runs the probe and maps the result to the exit code.
 pub fn run(args: &ProbeArgs) -> ExitCode {
+    // Settings that cannot work are a usage error (2), never a failed probe (1): a kubelet
+    // restarting the pod would not fix them.
+    let security = match args.curve.security() {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match &args.http {
         Some(url) => probe_http(url, args.timeout),
-        None => args
-            .curve
-            .security()
-            .map_err(ProbeError::from)
-            .and_then(|security| probe_zmq(&args.endpoint, args.timeout, &security)),
+        None => probe_zmq(&args.endpoint, args.timeout, &security),
     };
     match result {
         Ok(state) => {
@@ -176,11 +176,7 @@ pub fn probe_zmq(
             }
             Ok(_) if items[0].is_readable() => break,
             Ok(_) => {
-                while let Ok(true) = try_recv_frames(&monitor, &mut events, 2) {
-                    if let Some((event, value)) = events.first().and_then(|f| monitor_event(f)) {
-                        seen.note(event, value);
-                    }
-                }
+                seen.read(&monitor, &mut events);
             }
             Err(zmq::Error::EINTR) if !left.is_zero() => continue,
             Err(e) => return Err(ProbeError::Zmq("poll", e)),
@@ -195,80 +191,6 @@ pub fn probe_zmq(
         }
         Ok(other) => Err(ProbeError::BadReply(endpoint.into(), format!("{other:?}"))),
         Err(e) => Err(ProbeError::BadReply(endpoint.into(), e.to_string())),
-    }
-}
-
-/// Attaches a monitor to `socket`: libzmq tells a client why a handshake failed only through
-/// monitor events, and "no reply" alone does not say whether to fix a key or the broker.
-fn watch(ctx: &zmq::Context, socket: &zmq::Socket) -> zmq::Result<zmq::Socket> {
-    const MONITOR: &str = "inproc://probe-monitor";
-    let events = zmq::SocketEvent::CONNECTED as i32
-        | zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32
-        | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
-        | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
-        | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32;
-    socket.monitor(MONITOR, events)?;
-    let monitor = ctx.socket(zmq::PAIR)?;
-    monitor.set_linger(0)?;
-    monitor.connect(MONITOR)?;
-    Ok(monitor)
-}
-
-/// What the probe's connection did, from its monitor events; the last failure wins, a
-/// finished handshake clears it.
-#[derive(Debug, Default)]
-struct Seen {
-    connected: bool,
-    handshake_done: bool,
-    failure: Option<&'static str>,
-}
-
-impl Seen {
-    fn note(&mut self, event: u16, value: u32) {
-        use zmq::SocketEvent as E;
-        let failure = match event {
-            e if e == E::CONNECTED as u16 => {
-                self.connected = true;
-                return;
-            }
-            e if e == E::HANDSHAKE_SUCCEEDED as u16 => {
-                self.handshake_done = true;
-                self.failure = None;
-                return;
-            }
-            // The broker's ZAP handler answered 400 (the only refusal it gives).
-            e if e == E::HANDSHAKE_FAILED_AUTH as u16 => {
-                "the broker refused this client (its address is not in --allow-from or its \
-                 CURVE key is not in --curve-allow-keys)"
-            }
-            e if e == E::HANDSHAKE_FAILED_PROTOCOL as u16 => match value {
-                PROTOCOL_ERROR_MECHANISM_MISMATCH => {
-                    "security mismatch: one side uses CURVE and the other does not \
-                     (--curve-server-key)"
-                }
-                PROTOCOL_ERROR_CRYPTOGRAPHIC => {
-                    "the CURVE handshake failed (is --curve-server-key the broker's public key?)"
-                }
-                _ => "the ZMTP handshake failed (not a ZeroMQ 3.x+ peer?)",
-            },
-            // The broker hung up mid-handshake: how a wrong server key or a plaintext client
-            // of a CURVE broker looks from this side.
-            e if e == E::HANDSHAKE_FAILED_NO_DETAIL as u16 => {
-                "the broker closed the connection during the handshake (a wrong \
-                 --curve-server-key, or a broker that requires CURVE)"
-            }
-            _ => return,
-        };
-        self.failure = Some(failure);
-    }
-
-    fn why(&self) -> &'static str {
-        match (self.failure, self.connected, self.handshake_done) {
-            (Some(failure), _, _) => failure,
-            (None, false, _) => "could not connect (nothing listening, or a full backlog)",
-            (None, true, false) => "connected, but the handshake did not finish",
-            (None, true, true) => "connected and handshaken, but no answer (a stuck broker?)",
-        }
     }
 }
 

@@ -7,6 +7,7 @@
 //!   `public-key = "..."` line), with `#` comment lines and blank lines.
 
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 /// A CURVE key (32 bytes).
@@ -42,6 +43,14 @@ pub enum KeyError {
     /// The file has no key of the wanted kind.
     #[error("{path}: no {kind} key found")]
     Missing {
+        /// The file.
+        path: String,
+        /// `public` or `secret`.
+        kind: &'static str,
+    },
+    /// Two keys of the same kind: which one was meant is a guess.
+    #[error("{path}: more than one {kind}-key line")]
+    Twice {
         /// The file.
         path: String,
         /// `public` or `secret`.
@@ -88,17 +97,47 @@ pub fn encode_key(key: &Key) -> String {
     zmq::z85_encode(key).unwrap_or_default()
 }
 
-fn read(path: &Path) -> Result<String, KeyError> {
-    std::fs::read_to_string(path).map_err(|e| KeyError::File {
+/// Largest key file read: a key pair with comments is under 200 bytes.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+/// Largest allow file read: about 100,000 keys. Parsing runs on the coordinator thread (about
+/// 1.2 us a key), so this also bounds how long a reload holds requests up (about 120 ms).
+pub const MAX_ALLOW_FILE: u64 = 4 * 1024 * 1024;
+
+/// Reads a regular file of at most `limit` bytes as text (a leading byte-order mark dropped).
+/// A FIFO or a device (`/dev/zero`) is refused before it is opened: reading one could block the
+/// thread or never end.
+fn read(path: &Path, limit: u64) -> Result<String, KeyError> {
+    let fail = |why: String| KeyError::File {
         path: path.display().to_string(),
-        why: e.to_string(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return Err(fail(format!("larger than {limit} bytes")));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".into()))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
     })
 }
 
 /// Reads the `kind` key (`"public"` or `"secret"`) from a key file: a `<kind>-key = "..."`
 /// line, or the only key in a file that holds one bare key.
 pub fn read_key_file(path: &Path, kind: &'static str) -> Result<Key, KeyError> {
-    parse_key_text(&read(path)?, kind, &path.display().to_string())
+    parse_key_text(
+        &read(path, MAX_KEY_FILE)?,
+        kind,
+        &path.display().to_string(),
+    )
 }
 
 /// Splits a `public-key = "..."` or `secret-key = "..."` line.
@@ -116,12 +155,18 @@ pub fn parse_key_text(text: &str, kind: &'static str, path: &str) -> Result<Key,
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
     let prefix = format!("{kind}-key");
-    for line in &lines {
-        if let Some((name, value)) = named(line) {
-            if name == prefix {
-                return decode_key(value, &format!("{path}: {prefix}"));
-            }
+    let mut found = lines
+        .iter()
+        .filter_map(|line| named(line))
+        .filter(|(name, _)| *name == prefix);
+    if let Some((_, value)) = found.next() {
+        if found.next().is_some() {
+            return Err(KeyError::Twice {
+                path: path.into(),
+                kind,
+            });
         }
+        return decode_key(value, &format!("{path}: {prefix}"));
     }
     match lines.as_slice() {
         // A bare key (which may itself contain '=', a Z85 character).
@@ -136,21 +181,28 @@ pub fn parse_key_text(text: &str, kind: &'static str, path: &str) -> Result<Key,
 /// Reads a key pair file (both `public-key` and `secret-key` lines, as `broker keygen`
 /// writes them): a bare key cannot say which half it is.
 pub fn read_key_pair(path: &Path) -> Result<(Key, SecretKey), KeyError> {
-    parse_key_pair(&read(path)?, &path.display().to_string())
+    parse_key_pair(&read(path, MAX_KEY_FILE)?, &path.display().to_string())
 }
 
 /// The public and secret keys of a key pair file's `text` (see [`read_key_pair`]).
 pub fn parse_key_pair(text: &str, path: &str) -> Result<(Key, SecretKey), KeyError> {
     let find = |kind: &'static str| {
         let prefix = format!("{kind}-key");
-        text.lines()
+        let mut found = text
+            .lines()
             .filter_map(|line| named(line.trim()))
-            .find(|(name, _)| *name == prefix)
-            .map(|(_, value)| decode_key(value, &format!("{path}: {prefix}")))
-            .unwrap_or(Err(KeyError::Missing {
+            .filter(|(name, _)| *name == prefix);
+        match (found.next(), found.next()) {
+            (Some((_, value)), None) => decode_key(value, &format!("{path}: {prefix}")),
+            (Some(_), Some(_)) => Err(KeyError::Twice {
                 path: path.into(),
                 kind,
-            }))
+            }),
+            (None, _) => Err(KeyError::Missing {
+                path: path.into(),
+                kind,
+            }),
+        }
     };
     Ok((find("public")?, SecretKey(find("secret")?)))
 }
@@ -159,7 +211,7 @@ pub fn parse_key_pair(text: &str, path: &str) -> Result<(Key, SecretKey), KeyErr
 /// A file with no key is an error: it would lock every client out, and is more likely a file
 /// caught half-written.
 pub fn read_allow_file(path: &Path) -> Result<Vec<Key>, KeyError> {
-    parse_allow_text(&read(path)?, &path.display().to_string())
+    parse_allow_text(&read(path, MAX_ALLOW_FILE)?, &path.display().to_string())
 }
 
 /// The keys of an allow file's `text` (see [`read_allow_file`]).
@@ -272,5 +324,46 @@ mod tests {
             parse_allow_text("# nobody\n\n", "f"),
             Err(KeyError::Missing { .. })
         ));
+    }
+
+    #[test]
+    fn key_files_are_read_only_from_small_regular_files() {
+        let dir = std::env::temp_dir().join(format!("curve-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pair = zmq::CurveKeyPair::new().expect("curve");
+        let (public, secret) = (encode_key(&pair.public_key), encode_key(&pair.secret_key));
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let why = |result: Result<Vec<Key>, KeyError>| match result {
+            Err(KeyError::File { why, .. }) => why,
+            other => panic!("expected a file error, got {other:?}"),
+        };
+        // A device never ends; a directory is not a file.
+        assert_eq!(
+            why(read_allow_file(Path::new("/dev/zero"))),
+            "not a regular file"
+        );
+        assert_eq!(why(read_allow_file(&dir)), "not a regular file");
+        let big = write("big", &format!("{public}\n").repeat(110_000));
+        assert!(why(read_allow_file(&big)).starts_with("larger than"));
+        // A byte-order mark (some editors write one) is not part of the first key.
+        let bom = write("bom", &format!("\u{feff}{public}\r\n"));
+        assert_eq!(read_allow_file(&bom), Ok(vec![pair.public_key]));
+        // Two secret keys: which one was meant is a guess, so neither is used.
+        let twice = write(
+            "twice",
+            &format!(
+                "public-key = \"{public}\"\nsecret-key = \"{secret}\"\nsecret-key = \"{secret}\"\n"
+            ),
+        );
+        assert!(matches!(read_key_pair(&twice), Err(KeyError::Twice { .. })));
+        assert!(matches!(
+            read_key_file(&twice, "secret"),
+            Err(KeyError::Twice { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -83,7 +83,8 @@ pub enum DropReason {
     Hwm,
     /// All connections together hold `--max-buffered-bytes`.
     Budget,
-    /// The broker reset the connection (over a bound) with replies still queued.
+    /// The broker reset the connection (over a bound, stalled, or its key revoked) with replies
+    /// still queued or still being handled.
     Reset,
 }
 

@@ -11,6 +11,7 @@
 pub mod clock;
 pub mod inflight;
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +59,10 @@ const MEASURE_ALL_EVERY: Duration = Duration::from_millis(10);
 /// How often the `--curve-allow-keys` file is checked for changes (also before every batch of
 /// handshakes), so a removed key's connections are reset within about this long.
 const KEY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Reset connections remembered for naming the drops of their late replies; more than
+/// `--max-connections` would rarely matter, and a miss only files a drop under `peer_gone`.
+const RECENT_RESETS: usize = 1024;
 
 /// A fatal coordinator error.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +199,9 @@ pub struct Coordinator {
     last_measure_all: Instant,
     next_key_check: Instant,
     refusals: Refusals,
+    /// Connections the broker reset that have closed, newest last (at most [`RECENT_RESETS`]):
+    /// a reply finished after its connection was reset is dropped as `reset`, not `peer_gone`.
+    recent_resets: VecDeque<u64>,
 }
 
 impl Coordinator {
@@ -240,6 +248,7 @@ impl Coordinator {
             next_resync: now,
             last_measure_all: now,
             next_key_check: now + KEY_CHECK_EVERY,
+            recent_resets: VecDeque::with_capacity(RECENT_RESETS),
             config: config.clone(),
         }
     }
@@ -517,18 +526,25 @@ impl Coordinator {
                 log::debug!("handshake failed: {reason} (protocol error {value:#x})");
                 self.refusals.note(reason, None);
             } else if event == zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as u16 {
-                // The value is an errno. EPIPE: the peer closed mid-handshake, which is how a
-                // plaintext client that noticed the mismatch first shows (which side notices
-                // first is a race). A reset (ECONNRESET) is the broker's own refusal or reset,
-                // already counted; a timeout is a stall.
-                if fd == libc::EPIPE {
-                    log::debug!("handshake failed: the peer closed before finishing it");
-                    self.refusals.note("handshake", None);
+                // The value is an errno, and says little: EPIPE when the peer closed
+                // mid-handshake (how a plaintext client that noticed the mismatch first shows;
+                // which side notices first is a race), whatever errno was last set when the
+                // handshake timer (--stall-timeout) fired. A reset (ECONNRESET) is the broker's
+                // own refusal or reset, already counted.
+                if fd == libc::ECONNRESET {
+                    log::debug!("handshake ended by a reset");
                 } else {
-                    log::debug!("handshake failed (errno {fd})");
+                    log::debug!("handshake failed: closed or timed out (errno {fd})");
+                    self.refusals.note("handshake", None);
                 }
             } else if event == zmq::SocketEvent::DISCONNECTED as u16 {
                 if let Some(closed) = self.conns.disconnected(fd) {
+                    if closed.reset.is_some() {
+                        if self.recent_resets.len() == RECENT_RESETS {
+                            self.recent_resets.pop_front();
+                        }
+                        self.recent_resets.push_back(closed.id);
+                    }
                     if closed.undelivered > 0 {
                         let reason = if closed.reset.is_some() {
                             DropReason::Reset
@@ -766,7 +782,10 @@ impl Coordinator {
         let Some(first) = frames.next() else { return };
         let reason = match send_one(&self.sockets.front, first, zmq::DONTWAIT | zmq::SNDMORE) {
             Ok(()) => None,
-            Err(zmq::Error::EHOSTUNREACH) => Some(DropReason::PeerGone),
+            Err(zmq::Error::EHOSTUNREACH) => match origin {
+                Some(o) if self.recent_resets.contains(&o.conn) => Some(DropReason::Reset),
+                _ => Some(DropReason::PeerGone),
+            },
             Err(zmq::Error::EAGAIN) => Some(DropReason::Hwm),
             Err(e) => {
                 log::debug!("reply dropped: {e}");
