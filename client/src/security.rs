@@ -67,13 +67,16 @@ impl CurveArgs {
     pub fn security(&self) -> Result<Security, KeyError> {
         let server = match (&self.curve_server_key, &self.curve_server_key_file) {
             (Some(key), _) => Some(decode_key(key, "--curve-server-key")?),
-            (None, Some(file)) => Some(read_key_file(file, "public")?),
+            (None, Some(file)) => Some(
+                read_key_file(file, "public").map_err(|e| e.for_flag("--curve-server-key-file"))?,
+            ),
             (None, None) => None,
         };
         match (server, &self.curve_key_file) {
             (None, None) => Ok(Security::None),
             (Some(server), Some(file)) => {
-                let (public, secret) = shared::curve::read_key_pair(file)?;
+                let (public, secret) = shared::curve::read_key_pair(file)
+                    .map_err(|e| e.for_flag("--curve-key-file"))?;
                 Ok(Security::Curve {
                     server,
                     public,

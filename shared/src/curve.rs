@@ -71,6 +71,33 @@ pub enum KeyError {
     Incomplete,
 }
 
+impl KeyError {
+    /// The same error, naming the flag that gave the file.
+    pub fn for_flag(self, flag: &str) -> KeyError {
+        let named = |path: String| format!("{flag} {path}");
+        match self {
+            KeyError::File { path, why } => KeyError::File {
+                path: named(path),
+                why,
+            },
+            KeyError::Missing { path, kind } => KeyError::Missing {
+                path: named(path),
+                kind,
+            },
+            KeyError::Twice { path, kind } => KeyError::Twice {
+                path: named(path),
+                kind,
+            },
+            KeyError::Line { path, line, why } => KeyError::Line {
+                path: named(path),
+                line,
+                why,
+            },
+            other => other,
+        }
+    }
+}
+
 /// The Z85 alphabet (ZeroMQ RFC 32).
 const Z85: &[u8] =
     b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
@@ -104,18 +131,23 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 pub const MAX_ALLOW_FILE: u64 = 4 * 1024 * 1024;
 
 /// Reads a regular file of at most `limit` bytes as text (a leading byte-order mark dropped).
-/// A FIFO or a device (`/dev/zero`) is refused before it is opened: reading one could block the
-/// thread or never end.
+/// The file is opened non-blocking and checked after opening, so a FIFO swapped in at any
+/// moment cannot block the thread, and a device (`/dev/zero`) is never read.
 fn read(path: &Path, limit: u64) -> Result<String, KeyError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let fail = |why: String| KeyError::File {
         path: path.display().to_string(),
         why,
     };
-    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
     if !meta.is_file() {
         return Err(fail("not a regular file".into()));
     }
-    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let mut bytes = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut bytes)
@@ -347,6 +379,17 @@ mod tests {
             "not a regular file"
         );
         assert_eq!(why(read_allow_file(&dir)), "not a regular file");
+        // A FIFO with no writer: opening it must not block (it may be swapped in between any
+        // check and the open, so the open itself is non-blocking and checked after).
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(read_allow_file(&fifo)));
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO blocked");
+        assert_eq!(why(result), "not a regular file");
         let big = write("big", &format!("{public}\n").repeat(110_000));
         assert!(why(read_allow_file(&big)).starts_with("larger than"));
         // A byte-order mark (some editors write one) is not part of the first key.
