@@ -202,6 +202,11 @@ pub struct Coordinator {
     /// Connections the broker reset that have closed, newest last (at most [`RECENT_RESETS`]):
     /// a reply finished after its connection was reset is dropped as `reset`, not `peer_gone`.
     recent_resets: VecDeque<u64>,
+    /// The last monitor event was a handshake that failed without a protocol error; counted at
+    /// the DISCONNECTED that libzmq sends right after it, unless the broker itself closed that
+    /// connection (refused at --max-connections, or reset): libzmq reports that as a failed
+    /// handshake too, with an errno that does not say so.
+    handshake_failed: bool,
 }
 
 impl Coordinator {
@@ -249,6 +254,7 @@ impl Coordinator {
             last_measure_all: now,
             next_key_check: now + KEY_CHECK_EVERY,
             recent_resets: VecDeque::with_capacity(RECENT_RESETS),
+            handshake_failed: false,
             config: config.clone(),
         }
     }
@@ -529,16 +535,19 @@ impl Coordinator {
                 // The value is an errno, and says little: EPIPE when the peer closed
                 // mid-handshake (how a plaintext client that noticed the mismatch first shows;
                 // which side notices first is a race), whatever errno was last set when the
-                // handshake timer (--stall-timeout) fired. A reset (ECONNRESET) is the broker's
-                // own refusal or reset, already counted.
-                if fd == libc::ECONNRESET {
-                    log::debug!("handshake ended by a reset");
-                } else {
-                    log::debug!("handshake failed: closed or timed out (errno {fd})");
+                // handshake timer (--stall-timeout) fired or the broker closed the connection.
+                log::debug!("handshake failed: closed or timed out (errno {value})");
+                self.handshake_failed = true;
+            } else if event == zmq::SocketEvent::DISCONNECTED as u16 {
+                let closed = self.conns.disconnected(fd);
+                if std::mem::take(&mut self.handshake_failed)
+                    && closed
+                        .as_ref()
+                        .is_none_or(|c| !c.refused && c.reset.is_none())
+                {
                     self.refusals.note("handshake", None);
                 }
-            } else if event == zmq::SocketEvent::DISCONNECTED as u16 {
-                if let Some(closed) = self.conns.disconnected(fd) {
+                if let Some(closed) = closed {
                     if closed.reset.is_some() {
                         if self.recent_resets.len() == RECENT_RESETS {
                             self.recent_resets.pop_front();
