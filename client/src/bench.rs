@@ -109,6 +109,17 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         first_frame: args.first_frame.as_ref().map(|f| f.as_bytes().to_vec()),
         security,
     };
+    match load::preflight(&plan) {
+        Ok(warnings) => {
+            for warning in warnings {
+                eprintln!("warning: {warning}");
+            }
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let report = match load::run(&plan) {
         Ok(report) => report,
         Err(load::Error::Plan(why)) => {

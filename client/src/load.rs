@@ -235,7 +235,6 @@ pub fn run(plan: &Plan) -> Result<Report, Error> {
     if plan.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
         return Err(Error::Plan("the rate must be a number above 0".into()));
     }
-    preflight(plan)?;
     let threads = plan.threads.min(plan.clients);
     let cpu_before = process_cpu();
     let started = Instant::now();
@@ -291,10 +290,13 @@ const PREFLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// does not allow, the wrong server key, CURVE on one side only). In the run itself a DEALER
 /// sends only to the endpoints that accepted it, so such an endpoint would otherwise go
 /// unnoticed behind the others' replies. An endpoint with nothing listening is left to the
-/// run, as before (a name may resolve to an address that does not answer).
-fn preflight(plan: &Plan) -> Result<(), Error> {
+/// run (a name may resolve to an address that does not answer); one that accepts the
+/// connection but does not finish the handshake within [`PREFLIGHT_WAIT`] is returned as a
+/// warning.
+pub fn preflight(plan: &Plan) -> Result<Vec<String>, Error> {
     let zmq = |what| move |e| Error::Zmq(what, e);
     let ctx = zmq::Context::new();
+    let mut warnings = Vec::new();
     for endpoint in &plan.endpoints {
         let socket = ctx.socket(zmq::DEALER).map_err(zmq("socket"))?;
         socket.set_linger(0).map_err(zmq("linger"))?;
@@ -312,8 +314,12 @@ fn preflight(plan: &Plan) -> Result<(), Error> {
             if let Some(why) = seen.failure() {
                 return Err(Error::Refused(endpoint.clone(), why));
             }
+            if seen.handshake_done() || seen.unreachable() {
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            if seen.handshake_done() || seen.unreachable() || left.is_zero() {
+            if left.is_zero() {
+                warnings.push(format!("{endpoint}: {}", seen.why()));
                 break;
             }
             match monitor.poll(zmq::POLLIN, left.as_millis().max(1) as i64) {
@@ -322,7 +328,7 @@ fn preflight(plan: &Plan) -> Result<(), Error> {
             }
         }
     }
-    Ok(())
+    Ok(warnings)
 }
 
 fn connect(ctx: &zmq::Context, plan: &Plan) -> Result<zmq::Socket, Error> {
