@@ -214,3 +214,30 @@ fn a_run_of_only_errors_fails_and_impossible_flags_exit_2() {
         assert_eq!(stderr.trim().lines().count(), 1, "{flags:?}: {stderr}");
     }
 }
+
+#[test]
+fn an_endpoint_that_never_finishes_its_handshake_is_named_and_the_run_goes_on() {
+    let broker = Broker::start(&["--workers", "1"]);
+    // Accepts TCP and never speaks ZMTP (the backlog accepts for it).
+    let port = common::free_port();
+    let _silent = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let silent = format!("tcp://127.0.0.1:{port}");
+    let (code, stdout, stderr, _) = bench_raw(&[
+        "--endpoint",
+        &broker.front,
+        "--endpoint",
+        &silent,
+        "--requests",
+        "100",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stdout} {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: {silent}: connected, but the handshake did not finish"
+        )),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON report");
+    assert_eq!(report["ok"], 100, "{report}");
+}
