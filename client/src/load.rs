@@ -291,7 +291,7 @@ const PREFLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// sends only to the endpoints that accepted it, so such an endpoint would otherwise go
 /// unnoticed behind the others' replies. An endpoint with nothing listening is left to the
 /// run (a name may resolve to an address that does not answer); one that accepts the
-/// connection but does not finish the handshake within [`PREFLIGHT_WAIT`] is returned as a
+/// connection but does not finish the handshake within 2 s (`PREFLIGHT_WAIT`) is returned as a
 /// warning.
 pub fn preflight(plan: &Plan) -> Result<Vec<String>, Error> {
     let zmq = |what| move |e| Error::Zmq(what, e);
