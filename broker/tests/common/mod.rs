@@ -61,6 +61,8 @@ pub struct Broker {
     lines: Receiver<String>,
     log: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
+    /// The stdout and stderr readers: finished once the process's pipes closed.
+    readers: [thread::JoinHandle<()>; 2],
 }
 
 impl Broker {
@@ -124,7 +126,7 @@ impl Broker {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().expect("piped stdout");
         let log_copy = Arc::clone(&log);
-        thread::spawn(move || {
+        let out_reader = thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 log_copy.lock().expect("log lock").push(line.clone());
                 let _ = tx.send(line);
@@ -133,7 +135,7 @@ impl Broker {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().expect("piped stderr");
         let err_copy = Arc::clone(&stderr);
-        thread::spawn(move || {
+        let err_reader = thread::spawn(move || {
             let mut text = String::new();
             let _ = err_pipe.read_to_string(&mut text);
             err_copy.lock().expect("stderr lock").push_str(&text);
@@ -145,6 +147,7 @@ impl Broker {
             lines,
             log,
             stderr,
+            readers: [out_reader, err_reader],
         }
     }
 
@@ -203,11 +206,21 @@ impl Broker {
         self.child.try_wait().expect("try_wait")
     }
 
-    /// Waits for the process to exit, or fails after `timeout`.
+    /// Waits for the process to exit and its output to be read to the end, or fails after
+    /// `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The readers reach the end of the pipes just after the exit; what the
+                // process wrote last must be in stderr_text() and log_lines() on return.
+                while !self.readers.iter().all(thread::JoinHandle::is_finished) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the broker's output did not close within {timeout:?}"
+                    );
+                    thread::sleep(Duration::from_millis(1));
+                }
                 return status;
             }
             assert!(
