@@ -17,9 +17,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::deploy::repo;
+use common::deploy::{rendered_object, repo};
 use common::{eventually, free_port, Broker};
-use serde::Deserialize;
 use serde_yaml::Value;
 
 /// Service time of one request (the `sleep` handler's milliseconds).
@@ -28,36 +27,9 @@ const WORKERS: u64 = 2;
 /// Requests per second one broker can serve.
 const CAPACITY: f64 = WORKERS as f64 * 1000.0 / SERVICE_MS as f64;
 
-fn kubectl_render(overlay: &str) -> Vec<Value> {
-    let venv = repo().join("target/tools/venv/bin/kubectl");
-    let kubectl = if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("kubectl")
-    };
-    let output = Command::new(kubectl)
-        .arg("kustomize")
-        .arg(repo().join("deploy/overlays").join(overlay))
-        .output()
-        .expect("kubectl runs (scripts/setup installs it)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).expect("utf8");
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("yaml"))
-        .collect()
-}
-
 /// The HPA's Pods metric name and its AverageValue target, from the production render.
 fn hpa_metric() -> (String, f64) {
-    let docs = kubectl_render("production");
-    let hpa = docs
-        .iter()
-        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
-        .expect("an HPA");
+    let hpa = rendered_object("production", "HorizontalPodAutoscaler");
     let metric = &hpa["spec"]["metrics"][0]["pods"];
     let name = metric["metric"]["name"]
         .as_str()
@@ -107,11 +79,7 @@ fn adapter_pods_query(template: &str, namespace: &str, pods: &[&str]) -> String 
 
 /// The KEDA trigger's query and threshold, from the production-keda render.
 fn keda_trigger() -> (String, f64) {
-    let docs = kubectl_render("production-keda");
-    let scaled = docs
-        .iter()
-        .find(|d| d["kind"] == "ScaledObject")
-        .expect("a ScaledObject");
+    let scaled = rendered_object("production-keda", "ScaledObject");
     let trigger = scaled["spec"]["triggers"]
         .as_sequence()
         .expect("triggers")

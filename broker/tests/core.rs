@@ -384,20 +384,13 @@ fn a_message_of_too_many_frames_is_refused_and_its_connection_stays_clean() {
         err_code(&client.request(&frames)),
         Some(ErrorCode::TooLarge)
     );
-    let idle = Instant::now();
     // A stalled connection is reset within the timeout plus one 100 ms scan; wait three times
     // that (a negative needs the whole wait).
-    while idle.elapsed() < Duration::from_secs(3) {
-        assert_eq!(
-            common::metric(
-                &broker,
-                "broker_connections_reset_total{reason=\"stalled\"}"
-            ),
-            0.0,
-            "an idle, clean connection was reset as stalled"
-        );
-        std::thread::sleep(Duration::from_millis(100)); // between scrapes
-    }
+    never_reset_as_stalled(
+        &broker,
+        Duration::from_secs(3),
+        "an idle, clean connection was reset as stalled",
+    );
     assert_eq!(
         ok(client.request(&[b"still here"])),
         [b"still here".to_vec()]
@@ -407,6 +400,20 @@ fn a_message_of_too_many_frames_is_refused_and_its_connection_stays_clean() {
 /// ZMTP heartbeats are read by libzmq, never by the broker: without the heartbeat credit they
 /// would pile up as bytes the connection seems to hold, and an idle client with heartbeats on
 /// would be reset as stalled. At 1 ms, 4 s of PINGs are 36 KB, far over the 4 KiB floor.
+/// Scrapes every 100 ms for `wait` and fails with `why` if any connection is reset as
+/// stalled (a negative needs the whole wait).
+fn never_reset_as_stalled(broker: &Broker, wait: Duration, why: &str) {
+    let idle = Instant::now();
+    while idle.elapsed() < wait {
+        assert_eq!(
+            common::metric(broker, "broker_connections_reset_total{reason=\"stalled\"}"),
+            0.0,
+            "{why}"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // between scrapes
+    }
+}
+
 #[test]
 fn a_client_with_heartbeats_on_is_not_taken_for_a_stalled_one() {
     let broker = Broker::start(&["--workers", "1", "--stall-timeout", "1s"]);
@@ -424,18 +431,11 @@ fn a_client_with_heartbeats_on_is_not_taken_for_a_stalled_one() {
         socket.recv_multipart(0).expect("reply")
     };
     assert_eq!(ask(b"first"), [&b""[..], b"OK", b"first"]);
-    let idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(4) {
-        assert_eq!(
-            common::metric(
-                &broker,
-                "broker_connections_reset_total{reason=\"stalled\"}"
-            ),
-            0.0,
-            "an idle client with heartbeats was reset as stalled"
-        );
-        std::thread::sleep(Duration::from_millis(100)); // between scrapes
-    }
+    never_reset_as_stalled(
+        &broker,
+        Duration::from_secs(4),
+        "an idle client with heartbeats was reset as stalled",
+    );
     assert!(
         common::metric(&broker, "broker_buffered_bytes{direction=\"in\"}") < 4096.0,
         "heartbeats counted as held"
@@ -505,11 +505,8 @@ fn absurd_frames_and_garbage_do_not_disturb_other_clients() {
 /// Runs the broker to its exit: (exit code, stderr and log together, the log alone).
 fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut broker = Broker::spawn(args, env);
+    // Returns once the output is read to the end.
     let status = broker.wait_exit(EVENT_TIMEOUT);
-    // Let the output readers finish.
-    common::eventually("output collected", EVENT_TIMEOUT, || {
-        !broker.stderr_text().is_empty() || !broker.log_text().is_empty()
-    });
     (
         status.code(),
         format!("{}{}", broker.stderr_text(), broker.log_text()),

@@ -100,6 +100,21 @@ impl Probe {
         }
     }
 
+    /// Probes every period until one passes, as the kubelet runs a startup probe; fails with
+    /// `what` once the failure threshold is reached. Returns the failures before the pass.
+    fn until_success(&self, what: &str) -> u64 {
+        let mut failures = 0;
+        while !self.run() {
+            failures += 1;
+            assert!(
+                failures < self.failure_threshold,
+                "{what} ({failures} failures)"
+            );
+            thread::sleep(self.period);
+        }
+        failures
+    }
+
     /// One probe, kubelet semantics: HTTP 200-399 within the timeout, or exit 0.
     fn run(&self) -> bool {
         match &self.action {
@@ -128,6 +143,18 @@ impl Probe {
             }
         }
     }
+}
+
+/// The container's `args` (none if it declares none).
+fn container_args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_sequence()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().expect("arg").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn http_ok(port: u16, path: &str, timeout: Duration) -> bool {
@@ -216,14 +243,7 @@ fn production_deployment_contract_holds_for_the_real_binary() {
         "liveness is tolerant"
     );
 
-    let args: Vec<String> = container["args"]
-        .as_sequence()
-        .map(|a| {
-            a.iter()
-                .map(|v| v.as_str().expect("arg").to_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let args = container_args(container);
     // Flags and env both name the endpoints; the env (remapped above) is the manifest's choice,
     // so the args must not override it.
     assert!(!args.iter().any(|a| a == "--frontend" || a == "--admin"));
@@ -234,15 +254,8 @@ fn production_deployment_contract_holds_for_the_real_binary() {
     // Startup: probe on schedule until success, within the declared budget.
     let started = Instant::now();
     thread::sleep(startup.initial_delay);
-    let mut failures = 0;
-    while !startup.run() {
-        failures += 1;
-        assert!(
-            failures < startup.failure_threshold,
-            "startup probe failed {failures} times: the kubelet would kill the pod"
-        );
-        thread::sleep(startup.period);
-    }
+    let failures =
+        startup.until_success("startup probe failed its threshold: the kubelet would kill the pod");
     eprintln!(
         "started after {:?} ({failures} failed startup probes)",
         started.elapsed()
@@ -460,26 +473,11 @@ fn production_curve_pod_starts_from_its_secret_and_refuses_plaintext() {
         ),
         other => panic!("the test does not know what {other} holds"),
     });
-    let args: Vec<String> = pod.container["args"]
-        .as_sequence()
-        .map(|a| {
-            a.iter()
-                .map(|v| v.as_str().expect("arg").to_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let args = container_args(&pod.container);
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let broker = Broker::spawn_exact(&arg_refs, &env_pairs, zmq_host, admin_host);
     let startup = Probe::parse(&pod.container["startupProbe"], &pod.ports, &remap, &env);
-    let mut failures = 0;
-    while !startup.run() {
-        failures += 1;
-        assert!(
-            failures < startup.failure_threshold,
-            "startup probe never passed over CURVE"
-        );
-        thread::sleep(startup.period);
-    }
+    startup.until_success("startup probe never passed over CURVE");
     let security = client::Security::Curve {
         server: server.public_key,
         public: app.public_key,

@@ -298,12 +298,7 @@ pub fn preflight(plan: &Plan) -> Result<Vec<String>, Error> {
     let ctx = zmq::Context::new();
     let mut warnings = Vec::new();
     for endpoint in &plan.endpoints {
-        let socket = ctx.socket(zmq::DEALER).map_err(zmq("socket"))?;
-        socket.set_linger(0).map_err(zmq("linger"))?;
-        socket.set_ipv6(true).map_err(zmq("ipv6"))?;
-        plan.security
-            .apply(&socket)
-            .map_err(|e| Error::Plan(e.to_string()))?;
+        let socket = dealer(&ctx, plan)?;
         let monitor = crate::handshake::watch(&ctx, &socket).map_err(zmq("monitor"))?;
         socket.connect(endpoint).map_err(zmq("connect"))?;
         let mut seen = crate::handshake::Seen::default();
@@ -331,7 +326,19 @@ pub fn preflight(plan: &Plan) -> Result<Vec<String>, Error> {
     Ok(warnings)
 }
 
+/// A client socket as the run uses them, connected to every endpoint.
 fn connect(ctx: &zmq::Context, plan: &Plan) -> Result<zmq::Socket, Error> {
+    let socket = dealer(ctx, plan)?;
+    for endpoint in &plan.endpoints {
+        socket
+            .connect(endpoint)
+            .map_err(|e| Error::Zmq("connect", e))?;
+    }
+    Ok(socket)
+}
+
+/// A DEALER with the run's options and security, not yet connected.
+fn dealer(ctx: &zmq::Context, plan: &Plan) -> Result<zmq::Socket, Error> {
     let zmq = |what| move |e| Error::Zmq(what, e);
     let socket = ctx.socket(zmq::DEALER).map_err(zmq("socket"))?;
     socket.set_linger(0).map_err(zmq("linger"))?;
@@ -345,9 +352,6 @@ fn connect(ctx: &zmq::Context, plan: &Plan) -> Result<zmq::Socket, Error> {
     plan.security
         .apply(&socket)
         .map_err(|e| Error::Plan(e.to_string()))?;
-    for endpoint in &plan.endpoints {
-        socket.connect(endpoint).map_err(zmq("connect"))?;
-    }
     Ok(socket)
 }
 

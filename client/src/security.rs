@@ -43,6 +43,17 @@ impl Security {
     }
 }
 
+/// CURVE flags that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CurveArgsError {
+    /// A key given on the command line, or flags missing (the message names them).
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A key file that cannot be used, with the flag that named it.
+    #[error("{0} {1}")]
+    File(&'static str, KeyError),
+}
+
 /// CURVE flags shared by `broker probe` and `broker bench`.
 #[derive(Clone, Debug, Default, Args)]
 pub struct CurveArgs {
@@ -64,11 +75,12 @@ pub struct CurveArgs {
 
 impl CurveArgs {
     /// The security these flags ask for.
-    pub fn security(&self) -> Result<Security, KeyError> {
+    pub fn security(&self) -> Result<Security, CurveArgsError> {
         let server = match (&self.curve_server_key, &self.curve_server_key_file) {
             (Some(key), _) => Some(decode_key(key, "--curve-server-key")?),
             (None, Some(file)) => Some(
-                read_key_file(file, "public").map_err(|e| e.for_flag("--curve-server-key-file"))?,
+                read_key_file(file, "public")
+                    .map_err(|e| CurveArgsError::File("--curve-server-key-file", e))?,
             ),
             (None, None) => None,
         };
@@ -76,14 +88,14 @@ impl CurveArgs {
             (None, None) => Ok(Security::None),
             (Some(server), Some(file)) => {
                 let (public, secret) = shared::curve::read_key_pair(file)
-                    .map_err(|e| e.for_flag("--curve-key-file"))?;
+                    .map_err(|e| CurveArgsError::File("--curve-key-file", e))?;
                 Ok(Security::Curve {
                     server,
                     public,
                     secret,
                 })
             }
-            _ => Err(KeyError::Incomplete),
+            _ => Err(KeyError::Incomplete.into()),
         }
     }
 }

@@ -71,33 +71,6 @@ pub enum KeyError {
     Incomplete,
 }
 
-impl KeyError {
-    /// The same error, naming the flag that gave the file.
-    pub fn for_flag(self, flag: &str) -> KeyError {
-        let named = |path: String| format!("{flag} {path}");
-        match self {
-            KeyError::File { path, why } => KeyError::File {
-                path: named(path),
-                why,
-            },
-            KeyError::Missing { path, kind } => KeyError::Missing {
-                path: named(path),
-                kind,
-            },
-            KeyError::Twice { path, kind } => KeyError::Twice {
-                path: named(path),
-                kind,
-            },
-            KeyError::Line { path, line, why } => KeyError::Line {
-                path: named(path),
-                line,
-                why,
-            },
-            other => other,
-        }
-    }
-}
-
 /// The Z85 alphabet (ZeroMQ RFC 32).
 const Z85: &[u8] =
     b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";

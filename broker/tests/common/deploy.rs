@@ -25,10 +25,15 @@ fn kubectl() -> PathBuf {
 
 /// The Deployment object an overlay renders.
 pub fn rendered_deployment(overlay: &str) -> Value {
+    rendered_object(overlay, "Deployment")
+}
+
+/// The first object of `kind` an overlay renders.
+pub fn rendered_object(overlay: &str, kind: &str) -> Value {
     rendered(overlay)
         .into_iter()
-        .find(|doc| doc["kind"] == "Deployment")
-        .expect("a Deployment")
+        .find(|doc| doc["kind"] == kind)
+        .unwrap_or_else(|| panic!("{overlay} renders no {kind}"))
 }
 
 /// Every object an overlay renders.
