@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::time::Duration;
 
 use zmq::Message;
 
@@ -15,6 +16,49 @@ pub const STATUS_ERR: &[u8] = b"ERR";
 /// The single body frame of a health request. It starts with a NUL byte so that no text
 /// protocol collides with it; the coordinator answers it itself, never a worker.
 pub const HEALTH_REQUEST: &[u8] = b"\x00broker.health";
+
+/// Prefix of the optional deadline header: the first frame after the envelope may be
+/// `\x00broker.timeout-ms=N`, N the client's remaining budget in ASCII decimal milliseconds
+/// (relative, since the clocks of client and pod differ). The broker strips it before the
+/// handler sees the body and never starts a request whose budget has run out.
+pub const TIMEOUT_HEADER: &[u8] = b"\x00broker.timeout-ms=";
+/// Most digits a deadline header's N may have (any such number fits a `u64`).
+pub const MAX_TIMEOUT_DIGITS: usize = 19;
+
+/// A frame that starts like a deadline header but is not one (`ERR bad_request`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed deadline header: expected \\0broker.timeout-ms= and 1 to 19 ASCII digits")]
+pub struct MalformedHeader;
+
+/// The deadline header for a budget of `budget` (whole milliseconds, rounded down, so the
+/// broker never thinks a client waits longer than it does).
+pub fn timeout_header(budget: Duration) -> Message {
+    // At most 19 digits, as the parser takes: about 317 million years.
+    let millis = u64::try_from(budget.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(9_999_999_999_999_999_999);
+    let mut frame = Vec::with_capacity(TIMEOUT_HEADER.len() + MAX_TIMEOUT_DIGITS);
+    frame.extend_from_slice(TIMEOUT_HEADER);
+    frame.extend_from_slice(millis.to_string().as_bytes());
+    Message::from(frame)
+}
+
+/// Reads a deadline header: `None` when `frame` is not one (it does not start with
+/// [`TIMEOUT_HEADER`]), the budget when it is, [`MalformedHeader`] when it starts like one
+/// but N is not 1 to [`MAX_TIMEOUT_DIGITS`] ASCII digits.
+pub fn parse_timeout_header(frame: &[u8]) -> Option<Result<Duration, MalformedHeader>> {
+    let digits = frame.strip_prefix(TIMEOUT_HEADER)?;
+    if digits.is_empty()
+        || digits.len() > MAX_TIMEOUT_DIGITS
+        || !digits.iter().all(u8::is_ascii_digit)
+    {
+        return Some(Err(MalformedHeader));
+    }
+    let millis = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(Ok(Duration::from_millis(millis)))
+}
 
 /// Most frames an envelope may have, the routing id the broker's ROUTER adds included: room
 /// for a correlation id and a delimiter behind a dozen proxy hops.
@@ -304,6 +348,55 @@ mod tests {
             parse_reply(vec![b"MAYBE".to_vec()]),
             Err(ReplyError::BadStatus(_))
         ));
+    }
+
+    #[test]
+    fn deadline_headers_round_trip_and_malformed_ones_are_told_apart() {
+        let ms = Duration::from_millis;
+        let header = timeout_header(ms(1500));
+        assert_eq!(&header[..], b"\x00broker.timeout-ms=1500");
+        assert_eq!(parse_timeout_header(&header), Some(Ok(ms(1500))));
+        // Rounded down: 0.9 ms left is nothing left.
+        assert_eq!(
+            &timeout_header(Duration::from_micros(900))[..],
+            b"\x00broker.timeout-ms=0"
+        );
+        assert_eq!(
+            parse_timeout_header(b"\x00broker.timeout-ms=0"),
+            Some(Ok(ms(0)))
+        );
+        let max = b"\x00broker.timeout-ms=9999999999999999999";
+        assert_eq!(
+            parse_timeout_header(max),
+            Some(Ok(ms(9_999_999_999_999_999_999)))
+        );
+        assert_eq!(
+            parse_timeout_header(&timeout_header(Duration::MAX)),
+            Some(Ok(ms(9_999_999_999_999_999_999)))
+        );
+        for bad in [
+            &b"\x00broker.timeout-ms="[..],
+            b"\x00broker.timeout-ms=-1",
+            b"\x00broker.timeout-ms= 5",
+            b"\x00broker.timeout-ms=5 ",
+            b"\x00broker.timeout-ms=1.5",
+            b"\x00broker.timeout-ms=99999999999999999999",
+            "\x00broker.timeout-ms=\u{0663}".as_bytes(),
+        ] {
+            assert_eq!(
+                parse_timeout_header(bad),
+                Some(Err(MalformedHeader)),
+                "{bad:?}"
+            );
+        }
+        for other in [
+            &b"hello"[..],
+            b"",
+            HEALTH_REQUEST,
+            b"\x00broker.timeout-m=5",
+        ] {
+            assert_eq!(parse_timeout_header(other), None, "{other:?}");
+        }
     }
 
     #[test]
