@@ -48,6 +48,13 @@ def prom_rule(docs, alert):
     raise LookupError(alert)
 
 
+def replace_in_expr(docs, alert, old, new):
+    rule = prom_rule(docs, alert)
+    if old not in rule["expr"]:
+        raise LookupError(f"{old!r} in {alert}")
+    rule["expr"] = rule["expr"].replace(old, new)
+
+
 def find_scrape(docs):
     return next(d for d in docs if "scrape_configs" in d)["scrape_configs"][0]
 
@@ -185,8 +192,7 @@ MUTATIONS = [
      lambda d: prom_rule(d, "BrokerWorkersStuck").update(expr="max by (namespace, pod) (broker_worker_stuck) > 0"),
      "uses metric broker_worker_stuck"),
     ("alert on an HPA name that is not the render's", "hpa",
-     lambda d: prom_rule(d, "BrokerAutoscalerBlind").update(
-         expr=prom_rule(d, "BrokerAutoscalerBlind")["expr"].replace("broker|keda-hpa-broker", "broker-hpa")),
+     lambda d: replace_in_expr(d, "BrokerAutoscalerBlind", "broker|keda-hpa-broker", "broker-hpa"),
      "does not match the autoscaler"),
     ("alert without a runbook_url", "standalone",
      lambda d: prom_rule(d, "BrokerOverloaded")["annotations"].pop("runbook_url"),
@@ -196,8 +202,7 @@ MUTATIONS = [
          runbook_url=prom_rule(d, "BrokerOverloaded")["annotations"]["runbook_url"] + "-typo"),
      "is not a heading of"),
     ("alert on a label value the broker does not export", "standalone",
-     lambda d: prom_rule(d, "BrokerConnectionsRefusedAtCap").update(
-         expr=prom_rule(d, "BrokerConnectionsRefusedAtCap")["expr"].replace('reason="limit"', 'reason="limt"')),
+     lambda d: replace_in_expr(d, "BrokerConnectionsRefusedAtCap", 'reason="limit"', 'reason="limt"'),
      'exports reason only as'),
     ("dashboard panel on a metric the broker does not export", "standalone",
      lambda d: dashboard_edit(d, lambda dash: dash["panels"][0]["targets"][0].update(
