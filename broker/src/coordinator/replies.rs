@@ -268,6 +268,7 @@ impl Outbox {
         let cap = self.max_connection_bytes;
         let held = conns.held_out(origin.fd, origin.conn, cap.saturating_sub(wire))?;
         if held + wire > cap {
+            log::debug!("reply of {wire} bytes dropped: its connection holds {held} of {cap}");
             return Some(DropReason::Hwm);
         }
         if !self.within_budget(conns, wire, self.max_buffered_bytes) {
