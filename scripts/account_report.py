@@ -295,7 +295,7 @@ def guard_section(out, stats):
         scans = g.calls.get("getsockopt", 0)
         s = stats.get((case, "broker"), {})
         th = s.get("threads", {}).get("guard", {})
-        secs = s.get("secs") or 1
+        secs = s.get("counted_s") or 1
         native_ticks = th.get("pread64", 0) / secs
         native_info = th.get("getsockopt", 0) / secs
         rps = s.get("rps") or 0
@@ -304,7 +304,7 @@ def guard_section(out, stats):
               f"{scans} TCP_INFO reads: {fmt(per_tick)} Ir per tick all included. Natively "
               f"{native_ticks:.0f} ticks/s and {native_info:.0f} TCP_INFO reads/s; at "
               f"{rps:,.0f} req/s that is {fmt(per_tick * native_ticks / rps if per_tick and rps else None, '{:.1f}')} "
-              f"Ir per request, {fmt(th.get('cpu_us_per_s'), '{:.0f}')} µs of CPU per second "
+              f"Ir per request, {fmt(th.get('cpu_s', 0) / secs * 1e6, '{:.0f}')} µs of CPU per second "
               f"({fmt(th.get('cs', 0) / secs, '{:.0f}')} context switches/s, "
               f"{fmt(th.get('sched_yield', 0) / secs, '{:.0f}')} sched_yield/s, "
               f"{fmt(th.get('futex', 0) / secs, '{:.0f}')} futex/s).")
@@ -318,6 +318,8 @@ def fmt(x, spec="{:,.0f}"):
 # ---- perf stat ----------------------------------------------------------------------------
 
 def load_stat(d, case, server):
+    """perf stat's counts by thread over a phase of a fixed request count, with CPU per thread
+    from the /proc snapshots taken as the counters were enabled and disabled."""
     base = d / f"stat-{case}-{server}"
     try:
         lg = json.load(open(f"{base}.loadgen.json"))
@@ -339,25 +341,29 @@ def load_stat(d, case, server):
             threads[name]["cs"] += value
         elif event.startswith("syscalls:sys_enter_"):
             threads[name][event.split("sys_enter_", 1)[1].split(":")[0]] += value
+    n = lg.get("ok_total", 0) + lg.get("errors_total", 0)
     secs = lg.get("measured_s") or 0
-    rps = lg.get("answered_rps") or 0
-    cpu = {}
+    if not n or not secs or lg.get("lost") or lg.get("mismatched"):
+        die(f"{base}: the measured phase answered {n} requests in {secs} s, lost "
+            f"{lg.get('lost')}, mismatched {lg.get('mismatched')}")
+    total_cpu = None
     if len(snaps) == 2 and all(snaps):
         a, b = snaps
         tck = os.sysconf("SC_CLK_TCK")
-        span = secs  # the snapshots bracket perf stat's window, of the client's length
         for tid, now in b["tasks"].items():
             before = a["tasks"].get(tid)
             if before and len(now) > 4 and len(before) > 4:
-                cpu[now[0]] = cpu.get(now[0], 0) + (now[4] - before[4]) / 1e9
+                threads[now[0]]["cpu_s"] += (now[4] - before[4]) / 1e9
             elif before:
-                cpu[now[0]] = cpu.get(now[0], 0) + (now[1] - before[1]) / tck
-        for name, v in cpu.items():
-            threads[name]["cpu_us_per_s"] = v / span * 1e6 if span else 0
+                threads[now[0]]["cpu_s"] += (now[1] - before[1]) / tck
         total_cpu = (b["ticks"] - a["ticks"]) / tck
+        # The counters run from the snapshot before enabling to the one after disabling: the
+        # end of the pause and the phase. Rates per second use that span.
+        counted = b.get("time", 0) - a.get("time", 0)
     else:
-        total_cpu = None
-    return {"threads": threads, "secs": secs, "rps": rps, "cpu_s": total_cpu}
+        counted = 0
+    return {"threads": threads, "secs": secs, "n": n, "rps": n / secs, "cpu_s": total_cpu,
+            "counted_s": counted if counted > 0 else secs}
 
 
 def stat_section(d):
@@ -373,26 +379,25 @@ def stat_section(d):
         print("|---|---|" + "---|" * len(cols))
         for server in SERVERS:
             s = stats[(case, server)]
-            req = s["rps"] * s["secs"]
-            if not req:
-                die(f"stat-{case}-{server}: no requests answered")
+            req = s["n"]
             rows = dict(s["threads"])
             tot = defaultdict(float)
             for t in rows.values():
                 for k, v in t.items():
                     tot[k] += v
             rows["**all**"] = tot
-            for name, t in sorted(rows.items(), key=lambda kv: (kv[0] == "**all**", -kv[1].get("cpu_us_per_s", 0))):
-                cells = [t.get("cpu_us_per_s", 0) / s["rps"], t.get("cs", 0) / req,
+            for name, t in sorted(rows.items(), key=lambda kv: (kv[0] == "**all**", -kv[1].get("cpu_s", 0))):
+                cells = [t.get("cpu_s", 0) / req * 1e6, t.get("cs", 0) / req,
                          t.get("syscalls", 0) / req] + [t.get(k, 0) / req for k in SYSCALLS]
                 if name != "**all**" and not any(cells):
                     continue
                 print(f"| {server} | {name} | " + " | ".join(
                     "" if not v else (f"{v:.2f}" if i == 0 else f"{v:.3f}") for i, v in enumerate(cells)) + " |")
         rates = ", ".join(f"{srv} {stats[(case, srv)]['rps']:,.0f}" for srv in SERVERS)
-        print(f"\nAt {rates} "
-              "req/s. CPU µs: per request, from /proc; cs: context switches (perf's "
-              "software event); the syscall columns: per request, by kind.\n")
+        counted = ", ".join(f"{srv} {stats[(case, srv)]['n']:,}" for srv in SERVERS)
+        print(f"\nAt {rates} req/s ({counted} requests counted). CPU µs: per request, on a "
+              "CPU by /proc/PID/task/*/schedstat; cs: context switches (perf's software event); "
+              "the syscall columns: per request, by kind.\n")
     return stats
 
 
@@ -412,7 +417,7 @@ def profile_section(d, stats):
             m = re.search(r"# Samples: (\S+)", text)
             samples = m.group(1) if m else "?"
             s = stats[(case, server)]
-            us_req = (s["cpu_s"] / (s["rps"] * s["secs"]) * 1e6) if s.get("cpu_s") and s["rps"] else None
+            us_req = s["cpu_s"] / s["n"] * 1e6 if s.get("cpu_s") else None
             print(f"### {case} / {server}: {samples} samples, {fmt(us_req, '{:.2f}')} µs of server CPU per request\n")
             print("| share | thread | object | µs/request |")
             print("|---|---|---|---|")

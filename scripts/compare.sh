@@ -86,7 +86,7 @@ elif ! cargo build --release --locked -q -p broker 2>>"$LOG"; then
   BROKER_OK=0
   say "BROKER DID NOT BUILD (see $LOG): its rows are skipped, exit status will be 1"
 fi
-ensure_perf_venv
+ensure_perf_venv # pyzmq only
 PY=$PERF_PY
 if ((COUNT_SECS > 0)); then
   ensure_tool perf linux-perf

@@ -36,6 +36,7 @@ spawn_group() {
   local log=$1
   shift
   setsid "$@" >>"$log" 2>&1 &
+  # shellcheck disable=SC2034 # for the caller
   SPAWNED_PID=$!
 }
 
@@ -52,6 +53,7 @@ stop_group() {
     echo "process group $pid still running ${grace} s after SIGTERM: SIGKILL" >&2
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
+  # shellcheck disable=SC2034 # for the caller
   wait "$pid" 2>/dev/null || STOPPED_RC=$?
 }
 
@@ -99,7 +101,8 @@ ensure_perf_venv() {
   fi
 }
 
-# proc_snapshot PID: one JSON line: the process's CPU ticks from /proc/PID/stat (utime +
+# proc_snapshot PID: one JSON line: the time (CLOCK_MONOTONIC, s), the process's CPU ticks from
+# /proc/PID/stat (utime +
 # stime, all threads, in ticks of getconf CLK_TCK), per thread [name, CPU ticks, voluntary,
 # involuntary context switches, ns on a CPU] from /proc/PID/task/*, and the machine's busy and
 # steal ticks
@@ -107,7 +110,7 @@ ensure_perf_venv() {
 # Two snapshots bracket a measured window; "{}" if the process is gone.
 proc_snapshot() {
   python3 - "$1" <<'EOF'
-import json, os, sys
+import json, os, sys, time
 
 pid = sys.argv[1]
 
@@ -137,7 +140,7 @@ for tid in tids:
                   int(cs.get("nonvoluntary_ctxt_switches", 0)), on_cpu_ns]
 cpu = [int(x) for x in open("/proc/stat").readline().split()[1:]]
 # /proc/stat's cpu line: user nice system idle iowait irq softirq steal ...
-print(json.dumps({"ticks": int(fields[11]) + int(fields[12]), "tasks": tasks,
+print(json.dumps({"time": time.monotonic(), "ticks": int(fields[11]) + int(fields[12]), "tasks": tasks,
                   "machine_busy": sum(cpu[:3]) + sum(cpu[5:7]), "machine_steal": cpu[7]}))
 EOF
 }

@@ -18,8 +18,11 @@
 # times), OVERLOAD_HEADER (0: no deadline header, for a broker that does not know it; 1: send
 # it), OVERLOAD_DRAIN (25 s of collecting late replies and of recovery probing). Every run
 # ends by itself: at most OVERLOAD_SECS + OVERLOAD_DRAIN + 15 s per point.
-# account: ACCOUNT_SECS (5) per native run, ACCOUNT_REQUESTS (60000 throughput, 4000 latency)
-# under callgrind. Installs valgrind and linux-perf from Debian if missing.
+# account: fixed request counts after a warm-up (a tenth as many) and a pause (3 s for
+# callgrind, whose zeroing is slow, 1 s for perf) in which the counters start: ACCOUNT_REQUESTS (60000) and ACCOUNT_REQUESTS_LATENCY (4000) under
+# callgrind, ACCOUNT_NATIVE_REQUESTS (1000000) and ACCOUNT_NATIVE_REQUESTS_LATENCY (50000)
+# for perf stat and perf record (enabled and disabled through perf's control fifo). Installs
+# valgrind and linux-perf from Debian if missing.
 # The comparison with libzmq's proxies and the talk's pyzmq server is scripts/compare.sh.
 set -euo pipefail
 set +m # no job control: servers are started with setsid (spawn_group)
@@ -200,7 +203,8 @@ overload() {
   for v in secs deadline header drain; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "perf: overload: $v must be a whole number" >&2; exit 2; }
   done
-  local jsonl=$OUT/overload-$(date -u +%Y%m%dT%H%M%SZ).jsonl ms mult capacity rate out
+  local jsonl ms mult capacity rate out
+  jsonl=$OUT/overload-$(date -u +%Y%m%dT%H%M%SZ).jsonl
   local client_flags=()
   [[ $header == 1 ]] || client_flags+=(--no-header)
   : >"$jsonl"
@@ -278,10 +282,75 @@ account_server() {
   ((ok)) || { echo "perf: account: $name did not start (see $LOG)" >&2; exit 1; }
 }
 
+# phase_run DIR/PREFIX N LOAD...: runs loadgen against ENDPOINT with a warm-up of N/10
+# requests, a pause and then exactly N requests; calls the function named in ON_START (in the
+# pause, once the warm-up is answered) and ON_END (once the N are answered). The loadgen's
+# JSON goes to PREFIX.loadgen.json. Exits 1 if the warm-up never comes or loadgen fails.
+phase_run() {
+  local prefix=$1 n=$2 lgpid i
+  shift 2
+  "$CB/loadgen" --endpoint "$ENDPOINT" "$@" "${RAW[@]}" --warmup 0 --duration 600 \
+    --warmup-requests $((n / 10)) --pause "$PAUSE" --requests "$n" \
+    >"$prefix.loadgen.json" 2>"$prefix.loadgen.err" &
+  lgpid=$!
+  for ((i = 0; i < 1200; i++)); do
+    grep -q "warmed up" "$prefix.loadgen.err" && break
+    kill -0 "$lgpid" 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q "warmed up" "$prefix.loadgen.err" || { echo "perf: account: no warm-up (see $prefix.loadgen.err)" >&2; exit 1; }
+  local started=${EPOCHREALTIME/./}
+  "$ON_START"
+  # The phase begins when the pause ends: the counters must be running by then.
+  if (((${EPOCHREALTIME/./} - started) / 1000 >= PAUSE * 1000)); then
+    echo "perf: account: the counters started after the pause ended" >&2
+    exit 1
+  fi
+  wait "$lgpid" || { echo "perf: account: loadgen failed (see $prefix.loadgen.err)" >&2; exit 1; }
+  "$ON_END"
+}
+
+# perf_ctl COMMAND: sends enable/disable to the perf session on fds 8 (control) and 9 (ack).
+perf_ctl() {
+  local ack
+  echo "$1" >&8
+  if ! read -r -t 10 ack <&9 || [[ $ack != ack* ]]; then
+    echo "perf: account: perf did not acknowledge $1" >&2
+    exit 1
+  fi
+}
+
+# The three ways a phase is measured: callgrind's counters, perf stat, perf record.
+cg_start() { callgrind_control -z "$SERVER_PID" >>"$LOG" 2>&1; }
+cg_end() { callgrind_control -d "$SERVER_PID" >>"$LOG" 2>&1; }
+stat_start() { proc_snapshot "$SERVER_PID" >"$PREFIX.proc"; perf_ctl enable; }
+stat_end() { perf_ctl disable; proc_snapshot "$SERVER_PID" >>"$PREFIX.proc"; }
+record_start() { perf_ctl enable; }
+record_end() { perf_ctl disable; }
+
+# perf_session PREFIX PERF-ARGS...: starts perf (stat or record) on the server, disabled, with
+# its control fifos on fds 8 and 9; sets PERF_PID.
+perf_session() {
+  local prefix=$1
+  shift
+  rm -f "$prefix.ctl" "$prefix.ack"
+  mkfifo "$prefix.ctl" "$prefix.ack"
+  exec 8<>"$prefix.ctl" 9<>"$prefix.ack"
+  perf "$@" -D -1 --control "fifo:$prefix.ctl,$prefix.ack" -p "$SERVER_PID" >/dev/null 2>>"$LOG" &
+  PERF_PID=$!
+}
+
+perf_session_end() {
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  exec 8>&- 9>&-
+  rm -f "$PREFIX.ctl" "$PREFIX.ack"
+}
+
 account() {
   ensure_tool valgrind valgrind
   ensure_tool perf linux-perf
-  local dir secs=${ACCOUNT_SECS:-5} case server load n scpu ccpu lg pid t
+  local dir case server load n native scpu ccpu t
   dir=$OUT/account-$(date -u +%Y%m%dT%H%M%SZ)
   mkdir -p "$dir"
   local events=raw_syscalls:sys_enter,context-switches
@@ -296,57 +365,41 @@ account() {
   } >"$dir/machine.txt"
   for case in throughput latency; do
     if [[ $case == throughput ]]; then
-      load=(--clients 16 --window 16 --size 64 --threads 2); n=${ACCOUNT_REQUESTS:-60000}; scpu=1; ccpu=0
+      load=(--clients 16 --window 16 --size 64 --threads 2); scpu=1; ccpu=0
+      n=${ACCOUNT_REQUESTS:-60000} native=${ACCOUNT_NATIVE_REQUESTS:-1000000}
     else
-      load=(--clients 1 --window 1 --size 64 --threads 1); n=${ACCOUNT_REQUESTS_LATENCY:-4000}; scpu=0; ccpu=0
+      load=(--clients 1 --window 1 --size 64 --threads 1); scpu=0; ccpu=0
+      n=${ACCOUNT_REQUESTS_LATENCY:-4000} native=${ACCOUNT_NATIVE_REQUESTS_LATENCY:-50000}
     fi
     for server in broker c-proxy-dealer; do
       echo "account: $case / $server: callgrind, $n requests" >&2
-      mkdir -p "$dir/cg-$case-$server"
+      PREFIX=$dir/cg-$case-$server
+      mkdir -p "$PREFIX"
       account_server "$server" "$scpu" valgrind --tool=callgrind --separate-threads=yes \
-        --callgrind-out-file="$dir/cg-$case-$server/callgrind.out.%p"
-      pid=$SERVER_PID
-      lg=$dir/cg-$case-$server/loadgen
-      "$CB/loadgen" --endpoint "$ENDPOINT" "${load[@]}" "${RAW[@]}" --cpu "$ccpu" --warmup 0 \
-        --duration 600 --warmup-requests $((n / 10)) --pause 3 --requests "$n" >"$lg.json" 2>"$lg.err" &
-      local lgpid=$!
-      # Zero the counters in the pause, once the warm-up has been answered in full.
-      for _ in $(seq 600); do grep -q "warmed up" "$lg.err" && break; kill -0 "$lgpid" 2>/dev/null || break; sleep 0.1; done
-      grep -q "warmed up" "$lg.err" || { echo "perf: account: no warm-up from loadgen (see $lg.err)" >&2; exit 1; }
-      local zero_start=$SECONDS
-      callgrind_control -z "$pid" >>"$LOG" 2>&1
-      ((SECONDS - zero_start < 3)) || { echo "perf: account: zeroing took longer than the pause" >&2; exit 1; }
-      wait "$lgpid" || { echo "perf: account: loadgen failed (see $lg.err)" >&2; exit 1; }
-      callgrind_control -d "$pid" >>"$LOG" 2>&1
+        --callgrind-out-file="$PREFIX/callgrind.out.%p"
+      PAUSE=3 ON_START=cg_start ON_END=cg_end phase_run "$PREFIX/phase" "$n" "${load[@]}" --cpu "$ccpu"
+      mv "$PREFIX/phase.loadgen.json" "$PREFIX/loadgen.json"
       stop_server 30
 
-      echo "account: $case / $server: perf stat, ${secs} s" >&2
+      echo "account: $case / $server: perf stat, $native requests" >&2
+      PREFIX=$dir/stat-$case-$server
       account_server "$server" "$scpu"
-      "$CB/loadgen" --endpoint "$ENDPOINT" "${load[@]}" "${RAW[@]}" --cpu "$ccpu" --warmup 1 \
-        --duration "$secs" >"$dir/stat-$case-$server.loadgen.json" 2>>"$LOG" &
-      lgpid=$!
-      sleep 1
-      proc_snapshot "$SERVER_PID" >"$dir/stat-$case-$server.proc"
-      perf stat -e "$events" --per-thread -x, -o "$dir/stat-$case-$server.csv" -p "$SERVER_PID" \
-        -- sleep "$secs" >/dev/null 2>>"$LOG"
-      proc_snapshot "$SERVER_PID" >>"$dir/stat-$case-$server.proc"
-      wait "$lgpid" || { echo "perf: account: loadgen failed (see $LOG)" >&2; exit 1; }
+      perf_session "$PREFIX" stat -e "$events" --per-thread -x, -o "$PREFIX.csv"
+      PAUSE=1 ON_START=stat_start ON_END=stat_end phase_run "$PREFIX" "$native" "${load[@]}" --cpu "$ccpu"
+      perf_session_end
       stop_server
 
-      echo "account: $case / $server: perf record, ${secs} s" >&2
+      echo "account: $case / $server: perf record, $native requests" >&2
+      PREFIX=$dir/perf-$case-$server
       account_server "$server" "$scpu"
-      "$CB/loadgen" --endpoint "$ENDPOINT" "${load[@]}" "${RAW[@]}" --cpu "$ccpu" --warmup 1 \
-        --duration "$secs" >"$dir/perf-$case-$server.loadgen.json" 2>>"$LOG" &
-      lgpid=$!
-      sleep 1
-      perf record -e cpu-clock -F 999 -g -o "$dir/perf-$case-$server.data" -p "$SERVER_PID" \
-        -- sleep "$secs" >/dev/null 2>>"$LOG"
-      wait "$lgpid" || { echo "perf: account: loadgen failed (see $LOG)" >&2; exit 1; }
+      perf_session "$PREFIX" record -e cpu-clock -F 999 -g -o "$PREFIX.data"
+      PAUSE=1 ON_START=record_start ON_END=record_end phase_run "$PREFIX" "$native" "${load[@]}" --cpu "$ccpu"
+      perf_session_end
       stop_server
-      perf report -i "$dir/perf-$case-$server.data" --no-children --sort comm,dso --stdio \
-        -g none >"$dir/perf-$case-$server.dso.txt" 2>>"$LOG"
-      perf report -i "$dir/perf-$case-$server.data" --no-children --sort comm,sym --stdio \
-        -g none >"$dir/perf-$case-$server.sym.txt" 2>>"$LOG"
+      perf report -i "$PREFIX.data" --no-children --sort comm,dso --stdio -g none \
+        >"$PREFIX.dso.txt" 2>>"$LOG"
+      perf report -i "$PREFIX.data" --no-children --sort comm,sym --stdio -g none \
+        >"$PREFIX.sym.txt" 2>>"$LOG"
     done
   done
   echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$dir/machine.txt"
