@@ -45,6 +45,35 @@ static inline double parse_number(const char *s)
     return v;
 }
 
+/* Walks a command line of "--flag value" pairs and bare switches. `*i` starts at 0; each call
+ * returns the next flag and sets `*value` to its value, or to NULL when the flag is one of
+ * the `switches` (a NULL-terminated list); NULL at the end. A flag missing its value is the
+ * usage exit. */
+static inline const char *next_flag(int argc, char **argv, int *i, const char *const *switches,
+                                    const char **value, const char *usage)
+{
+    if (++*i >= argc)
+        return NULL;
+    const char *flag = argv[*i];
+    *value = NULL;
+    for (const char *const *s = switches; s && *s; s++)
+        if (!strcmp(flag, *s))
+            return flag;
+    if (*i + 1 >= argc)
+        usage_exit(usage);
+    *value = argv[++*i];
+    return flag;
+}
+
+/* parse_number, or the usage exit for a value that is not a number. */
+static inline double number_arg(const char *s, const char *usage)
+{
+    double v = parse_number(s);
+    if (v < 0)
+        usage_exit(usage);
+    return v;
+}
+
 /* Restricts the calling thread (and the threads it starts later) to a CPU list such as
  * "0" or "0,1". Call it before any thread exists so libzmq's threads inherit the mask. */
 static inline int pin_to(const char *list)
@@ -119,6 +148,49 @@ static inline int start_stop_thread(pthread_t *tid, void *ctx)
 static inline void end_stop_thread(pthread_t tid)
 {
     pthread_kill(tid, SIGTERM);
+}
+
+/* ---- servers ------------------------------------------------------------------------- */
+
+/* The flags both server programs take. */
+typedef struct {
+    const char *endpoint, *cpu;
+    double io_threads;
+} server_flags_t;
+
+/* Takes `flag` if it is --endpoint, --cpu or --io-threads; returns 0 if it is none of them. */
+static inline int server_flag(server_flags_t *f, const char *flag, const char *value,
+                              const char *usage)
+{
+    if (!strcmp(flag, "--endpoint"))
+        f->endpoint = value;
+    else if (!strcmp(flag, "--cpu"))
+        f->cpu = value;
+    else if (!strcmp(flag, "--io-threads"))
+        f->io_threads = number_arg(value, usage);
+    else
+        return 0;
+    return 1;
+}
+
+/* Checks the flags, pins the process and blocks the stop signals before any thread exists
+ * (so every thread, libzmq's too, inherits both), and makes the context. Exits 2 on a bad
+ * setting, naming `prog`. */
+static inline void *server_context(const server_flags_t *f, const char *prog, const char *usage)
+{
+    if (!f->endpoint || f->io_threads < 1)
+        usage_exit(usage);
+    if (f->cpu && pin_to(f->cpu) != 0) {
+        fprintf(stderr, "%s: cannot pin to CPU %s\n", prog, f->cpu);
+        exit(2);
+    }
+    block_stop_signals();
+    void *ctx = zmq_ctx_new();
+    if (!ctx || zmq_ctx_set(ctx, ZMQ_IO_THREADS, (int)f->io_threads) != 0) {
+        fprintf(stderr, "%s: context: %s\n", prog, zmq_strerror(errno));
+        exit(2);
+    }
+    return ctx;
 }
 
 /* ---- latency histogram --------------------------------------------------------------

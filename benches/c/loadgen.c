@@ -430,47 +430,35 @@ static const char USAGE[] =
     "               [--requests N [--warmup-requests M] [--pause S]] [--cpu LIST] [--raw]\n"
     "               [--curve-server-key Z85 --curve-public-key Z85 --curve-secret-key Z85]\n";
 
-static double num_arg(const char *s)
-{
-    double v = parse_number(s);
-    if (v < 0)
-        usage_exit(USAGE);
-    return v;
-}
-
 static void parse_args(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--raw")) {
+    static const char *const switches[] = {"--raw", NULL};
+    const char *a, *v;
+    for (int i = 0; (a = next_flag(argc, argv, &i, switches, &v, USAGE));) {
+        if (!strcmp(a, "--raw"))
             cfg.raw = 1;
-            continue;
-        }
-        if (i + 1 >= argc)
-            usage_exit(USAGE);
-        const char *v = argv[++i];
-        if (!strcmp(a, "--endpoint"))
+        else if (!strcmp(a, "--endpoint"))
             cfg.endpoint = v;
         else if (!strcmp(a, "--clients"))
-            cfg.clients = (int)num_arg(v);
+            cfg.clients = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--window"))
-            cfg.window = (int)num_arg(v);
+            cfg.window = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--size"))
-            cfg.size = (size_t)num_arg(v);
+            cfg.size = (size_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--duration"))
-            cfg.duration = num_arg(v);
+            cfg.duration = number_arg(v, USAGE);
         else if (!strcmp(a, "--warmup"))
-            cfg.warmup = num_arg(v);
+            cfg.warmup = number_arg(v, USAGE);
         else if (!strcmp(a, "--drain"))
-            cfg.drain = num_arg(v);
+            cfg.drain = number_arg(v, USAGE);
         else if (!strcmp(a, "--requests"))
-            cfg.requests = (uint64_t)num_arg(v);
+            cfg.requests = (uint64_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--warmup-requests"))
-            cfg.warmup_requests = (uint64_t)num_arg(v);
+            cfg.warmup_requests = (uint64_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--pause"))
-            cfg.pause = num_arg(v);
+            cfg.pause = number_arg(v, USAGE);
         else if (!strcmp(a, "--threads"))
-            cfg.threads = (int)num_arg(v);
+            cfg.threads = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--cpu"))
             cfg.cpu = v;
         else if (!strcmp(a, "--curve-server-key"))

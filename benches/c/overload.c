@@ -53,49 +53,37 @@ static struct {
     uint64_t deadline_ms, grace_ms, recovery_every_ms, seed;
 } cfg = {"tcp://127.0.0.1:5555", "10", NULL, 0, 20, 30, 30, 20, 1, 0, 1000, 100, 10, 1};
 
-static double num_arg(const char *s)
-{
-    double v = parse_number(s);
-    if (v < 0)
-        usage_exit(USAGE);
-    return v;
-}
-
 static void parse_args(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--no-header")) {
+    static const char *const switches[] = {"--no-header", NULL};
+    const char *a, *v;
+    for (int i = 0; (a = next_flag(argc, argv, &i, switches, &v, USAGE));) {
+        if (!strcmp(a, "--no-header"))
             cfg.header = 0;
-            continue;
-        }
-        if (i + 1 >= argc)
-            usage_exit(USAGE);
-        const char *v = argv[++i];
-        if (!strcmp(a, "--endpoint"))
+        else if (!strcmp(a, "--endpoint"))
             cfg.endpoint = v;
         else if (!strcmp(a, "--rate"))
-            cfg.rate = num_arg(v);
+            cfg.rate = number_arg(v, USAGE);
         else if (!strcmp(a, "--clients"))
-            cfg.clients = (int)num_arg(v);
+            cfg.clients = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--duration"))
-            cfg.duration = num_arg(v);
+            cfg.duration = number_arg(v, USAGE);
         else if (!strcmp(a, "--deadline-ms"))
-            cfg.deadline_ms = (uint64_t)num_arg(v);
+            cfg.deadline_ms = (uint64_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--body"))
             cfg.body = v;
         else if (!strcmp(a, "--grace-ms"))
-            cfg.grace_ms = (uint64_t)num_arg(v);
+            cfg.grace_ms = (uint64_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--drain"))
-            cfg.drain = num_arg(v);
+            cfg.drain = number_arg(v, USAGE);
         else if (!strcmp(a, "--recovery-every-ms"))
-            cfg.recovery_every_ms = (uint64_t)num_arg(v);
+            cfg.recovery_every_ms = (uint64_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--recovery-timeout"))
-            cfg.recovery_timeout = num_arg(v);
+            cfg.recovery_timeout = number_arg(v, USAGE);
         else if (!strcmp(a, "--arrivals") && (!strcmp(v, "poisson") || !strcmp(v, "uniform")))
             cfg.uniform = !strcmp(v, "uniform");
         else if (!strcmp(a, "--seed"))
-            cfg.seed = (uint64_t)num_arg(v);
+            cfg.seed = (uint64_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--cpu"))
             cfg.cpu = v;
         else

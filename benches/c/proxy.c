@@ -68,39 +68,25 @@ out:
 
 int main(int argc, char **argv)
 {
-    const char *endpoint = NULL, *cpu = NULL, *curve_secret = NULL;
-    double workers = 2, io_threads = 1;
-    for (int i = 1; i < argc; i += 2) {
-        if (i + 1 >= argc)
-            usage_exit(USAGE);
-        const char *v = argv[i + 1];
-        if (!strcmp(argv[i], "--endpoint"))
-            endpoint = v;
-        else if (!strcmp(argv[i], "--cpu"))
-            cpu = v;
-        else if (!strcmp(argv[i], "--workers"))
-            workers = parse_number(v);
-        else if (!strcmp(argv[i], "--worker") && (!strcmp(v, "rep") || !strcmp(v, "dealer")))
+    server_flags_t flags = {NULL, NULL, 1};
+    const char *curve_secret = NULL;
+    double workers = 2;
+    const char *a, *v;
+    for (int i = 0; (a = next_flag(argc, argv, &i, NULL, &v, USAGE));) {
+        if (server_flag(&flags, a, v, USAGE))
+            continue;
+        if (!strcmp(a, "--workers"))
+            workers = number_arg(v, USAGE);
+        else if (!strcmp(a, "--worker") && (!strcmp(v, "rep") || !strcmp(v, "dealer")))
             dealer_workers = !strcmp(v, "dealer");
-        else if (!strcmp(argv[i], "--io-threads"))
-            io_threads = parse_number(v);
-        else if (!strcmp(argv[i], "--curve-secret-key"))
+        else if (!strcmp(a, "--curve-secret-key"))
             curve_secret = v;
         else
             usage_exit(USAGE);
     }
-    if (!endpoint || workers < 1 || io_threads < 1)
+    if (workers < 1)
         usage_exit(USAGE);
-    /* Pin and block the stop signals before any thread exists, so every thread inherits
-     * both. */
-    if (cpu && pin_to(cpu) != 0) {
-        fprintf(stderr, "proxy: cannot pin to CPU %s\n", cpu);
-        return 2;
-    }
-    block_stop_signals();
-
-    ctx = zmq_ctx_new();
-    zmq_ctx_set(ctx, ZMQ_IO_THREADS, (int)io_threads);
+    ctx = server_context(&flags, "proxy", USAGE);
     void *front = zmq_socket(ctx, ZMQ_ROUTER);
     void *back = zmq_socket(ctx, ZMQ_DEALER);
     int zero = 0;
@@ -112,8 +98,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "proxy: CURVE key: %s\n", zmq_strerror(errno));
         return 2;
     }
-    if (zmq_bind(front, endpoint) != 0 || zmq_bind(back, BACKEND) != 0) {
-        fprintf(stderr, "proxy: bind %s: %s\n", endpoint, zmq_strerror(errno));
+    if (zmq_bind(front, flags.endpoint) != 0 || zmq_bind(back, BACKEND) != 0) {
+        fprintf(stderr, "proxy: bind %s: %s\n", flags.endpoint, zmq_strerror(errno));
         return 2;
     }
     int nworkers = (int)workers;

@@ -15,37 +15,17 @@ static const char USAGE[] = "usage: router_echo --endpoint E [--cpu LIST] [--io-
 
 int main(int argc, char **argv)
 {
-    const char *endpoint = NULL, *cpu = NULL;
-    double io_threads = 1;
-    for (int i = 1; i < argc; i += 2) {
-        if (i + 1 >= argc)
+    server_flags_t flags = {NULL, NULL, 1};
+    const char *a, *v;
+    for (int i = 0; (a = next_flag(argc, argv, &i, NULL, &v, USAGE));)
+        if (!server_flag(&flags, a, v, USAGE))
             usage_exit(USAGE);
-        if (!strcmp(argv[i], "--endpoint"))
-            endpoint = argv[i + 1];
-        else if (!strcmp(argv[i], "--cpu"))
-            cpu = argv[i + 1];
-        else if (!strcmp(argv[i], "--io-threads"))
-            io_threads = parse_number(argv[i + 1]);
-        else
-            usage_exit(USAGE);
-    }
-    if (!endpoint || io_threads < 1)
-        usage_exit(USAGE);
-    /* Pin and block the stop signals before any thread exists, so every thread (libzmq's
-     * I/O threads too) inherits both. */
-    if (cpu && pin_to(cpu) != 0) {
-        fprintf(stderr, "router_echo: cannot pin to CPU %s\n", cpu);
-        return 2;
-    }
-    block_stop_signals();
-
-    void *ctx = zmq_ctx_new();
-    zmq_ctx_set(ctx, ZMQ_IO_THREADS, (int)io_threads);
+    void *ctx = server_context(&flags, "router_echo", USAGE);
     void *sock = zmq_socket(ctx, ZMQ_ROUTER);
     int zero = 0;
     zmq_setsockopt(sock, ZMQ_LINGER, &zero, sizeof zero);
-    if (zmq_bind(sock, endpoint) != 0) {
-        fprintf(stderr, "router_echo: bind %s: %s\n", endpoint, zmq_strerror(errno));
+    if (zmq_bind(sock, flags.endpoint) != 0) {
+        fprintf(stderr, "router_echo: bind %s: %s\n", flags.endpoint, zmq_strerror(errno));
         return 2;
     }
     pthread_t sig_tid;
