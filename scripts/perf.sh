@@ -53,10 +53,12 @@ stop_server() {
   SERVER_PID=
 }
 HOLDERS=()
+LG_PID='' PERF_PID='' # the account's load client and perf session while they run
 # shellcheck disable=SC2317 # called from the trap
 cleanup() {
   local h
   for h in "${HOLDERS[@]}"; do stop_group "$h" 5; done
+  for h in $LG_PID $PERF_PID; do kill -INT "$h" 2>/dev/null || true; done
   stop_server
 }
 trap cleanup EXIT
@@ -258,7 +260,7 @@ EOF
 }
 
 # ---- account (issue 23) -----------------------------------------------------------------
-# ACCOUNT_SERVER NAME CPU [WRAPPER...]: starts broker or c-proxy-dealer pinned to CPU, under
+# account_server NAME CPU [WRAPPER...]: starts broker or c-proxy-dealer pinned to CPU, under
 # WRAPPER (valgrind) if given; sets ENDPOINT, SERVER_PID and RAW (client flag).
 account_server() {
   local name=$1 cpu=$2
@@ -287,15 +289,15 @@ account_server() {
 # pause, once the warm-up is answered) and ON_END (once the N are answered). The loadgen's
 # JSON goes to PREFIX.loadgen.json. Exits 1 if the warm-up never comes or loadgen fails.
 phase_run() {
-  local prefix=$1 n=$2 lgpid i
+  local prefix=$1 n=$2 i
   shift 2
   "$CB/loadgen" --endpoint "$ENDPOINT" "$@" "${RAW[@]}" --warmup 0 --duration 600 \
     --warmup-requests $((n / 10)) --pause "$PAUSE" --requests "$n" \
     >"$prefix.loadgen.json" 2>"$prefix.loadgen.err" &
-  lgpid=$!
+  LG_PID=$!
   for ((i = 0; i < 1200; i++)); do
     grep -q "warmed up" "$prefix.loadgen.err" && break
-    kill -0 "$lgpid" 2>/dev/null || break
+    kill -0 "$LG_PID" 2>/dev/null || break
     sleep 0.1
   done
   grep -q "warmed up" "$prefix.loadgen.err" || { echo "perf: account: no warm-up (see $prefix.loadgen.err)" >&2; exit 1; }
@@ -306,7 +308,8 @@ phase_run() {
     echo "perf: account: the counters started after the pause ended" >&2
     exit 1
   fi
-  wait "$lgpid" || { echo "perf: account: loadgen failed (see $prefix.loadgen.err)" >&2; exit 1; }
+  wait "$LG_PID" || { echo "perf: account: loadgen failed (see $prefix.loadgen.err)" >&2; exit 1; }
+  LG_PID=
   "$ON_END"
 }
 
@@ -343,6 +346,7 @@ perf_session() {
 perf_session_end() {
   kill -INT "$PERF_PID" 2>/dev/null || true
   wait "$PERF_PID" 2>/dev/null || true
+  PERF_PID=
   exec 8>&- 9>&-
   rm -f "$PREFIX.ctl" "$PREFIX.ack"
 }
