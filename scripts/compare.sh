@@ -276,7 +276,8 @@ run_one() {
       --window "$window" --size "$size" --duration "${secs}s" --threads 2 --json)
   else
     client_argv=("$CB/loadgen" --endpoint "$ENDPOINT" --clients "$clients" --window "$window"
-      --size "$size" --duration "$secs" --warmup "$WARMUP" --threads "$C_THREADS" --cpu "$ccpu")
+      --size "$size" --duration "$secs" --warmup "$WARMUP" --threads "$C_THREADS" --cpu "$ccpu"
+      --drain 10) # a reply is lost only after 10 s: a stalled VM is not a lost reply
     [[ $server == pyzmq-talk || $server == c-proxy-dealer ]] && client_argv+=(--raw)
     [[ $server == *-curve ]] && client_argv+=(--curve-server-key "$SERVER_PUBLIC"
       --curve-public-key "$CLIENT_PUBLIC" --curve-secret-key "$CLIENT_SECRET")
@@ -286,7 +287,7 @@ run_one() {
       sample_server "$measures" "$ccpu"
     fi
   fi
-  out=$(timeout $((WARMUP + secs + 30)) "${client_argv[@]}" 2>>"$LOG") || crc=$?
+  out=$(timeout $((WARMUP + secs + 40)) "${client_argv[@]}" 2>>"$LOG") || crc=$?
   if [[ -n $SAMPLER_PID ]]; then
     wait "$SAMPLER_PID" 2>/dev/null || true
     SAMPLER_PID=

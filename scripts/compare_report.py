@@ -26,6 +26,8 @@ LEAN = "c-proxy-dealer"
 FOREIGN_LIMIT = 0.15
 # A client at this share of its CPUs sets the pace itself: its ratio is not claimed.
 SATURATED = 0.95
+# A measured window this much longer than asked for means the whole machine stalled.
+STALL_LIMIT = 0.5
 
 CASE_TITLES = {
     "throughput": "Throughput: 16 clients x 16 window x 64 B",
@@ -55,15 +57,21 @@ def pin_label(pin):
 
 
 def run_measures(row):
-    """Per-run figures from the /proc snapshots: CPU and switches per request, foreign load."""
+    """Per-run figures from the /proc snapshots: CPU and switches per request, foreign load.
+
+    The snapshots bracket about the client's window but not exactly (each is a process start
+    on a busy machine), so the server's figures are rates over the snapshots' own span,
+    divided by the client's request rate over its own window."""
     res = row.get("result") or {}
     snaps = row.get("snapshots")
-    requests = (res.get("answered_rps") or 0) * (res.get("measured_s") or 0)
-    if not snaps or not requests:
+    rps = res.get("answered_rps") or 0
+    if not snaps or not rps:
         return {}
     a, b = snaps
     tck = row["clk_tck"]
-    window = row["window_s"]
+    span = b.get("time", 0) - a.get("time", 0)
+    if span <= 0:
+        span = row["window_s"]
     cpu_s = (b["ticks"] - a["ticks"]) / tck
     threads = {}
     cs_total = 0
@@ -79,19 +87,22 @@ def run_measures(row):
         t["cpu_s"] += ((now[4] - before[4]) / 1e9 if len(now) > 4 and len(before) > 4
                        else (ticks - before[1]) / tck)
         t["cs"] += cs
-        t["vol"] += vol - vol0
-    client_s = (res.get("client_cpu_ratio") or 0) * (res.get("measured_s") or 0)
-    foreign = ((b["machine_busy"] - a["machine_busy"]) / tck - cpu_s - client_s) / window
-    steal = (b["machine_steal"] - a["machine_steal"]) / tck / window
+        t["vol"] += vol - before[2]
+    per_req = lambda x: x / span / rps  # a count over the span, per request
+    client_cores = res.get("client_cpu_ratio") or 0
+    foreign = ((b["machine_busy"] - a["machine_busy"]) / tck - cpu_s) / span - client_cores
+    steal = (b["machine_steal"] - a["machine_steal"]) / tck / span
     return {
-        "cpu_us_per_req": cpu_s / requests * 1e6,
-        "server_cpu": cpu_s / window,
-        "cs_per_req": cs_total / requests,
+        "cpu_us_per_req": per_req(cpu_s) * 1e6,
+        "server_cpu": cpu_s / span,
+        "cs_per_req": per_req(cs_total),
         "foreign_cores": max(foreign, 0.0),
         "steal_cores": steal,
-        "threads": {n: {"cpu_us_per_req": t["cpu_s"] / requests * 1e6,
-                        "cs_per_req": t["cs"] / requests,
-                        "vol_per_req": t["vol"] / requests} for n, t in threads.items()},
+        # The client's own clock: a window that ran long means the whole machine stalled.
+        "stretch_s": (res.get("measured_s") or 0) - (res.get("duration_s") or 0),
+        "threads": {n: {"cpu_us_per_req": per_req(t["cpu_s"]) * 1e6,
+                        "cs_per_req": per_req(t["cs"]),
+                        "vol_per_req": per_req(t["vol"])} for n, t in threads.items()},
     }
 
 
@@ -148,6 +159,7 @@ class Report:
             "cs_per_req": med(x.get("cs_per_req") for x in m),
             "foreign_max": max((x.get("foreign_cores") for x in m if x), default=None),
             "steal_max": max((x.get("steal_cores") for x in m if x), default=None),
+            "stretch_max": max((x.get("stretch_s") for x in m if x), default=None),
             "threads": {n: {k: med(t[k] for t in ts) for k in ts[0]} for n, ts in threads.items()},
             "syscalls_per_req": count.get("per_req"),
             "syscalls_by_thread": count.get("by_thread"),
@@ -342,6 +354,13 @@ class Report:
               + ("yes" if not busy else f"NO, in {len(busy)} series, e.g. "
                  + ", ".join(f"{c} {p} {s} {f}" for c, p, s, f in busy[:6])
                  + ": these timings are not of record"))
+        stalled = sorted({(c, p, s, round(x["stretch_max"], 1)) for (c, p, s), _ in self.timed.items()
+                          for x in [self.summary(c, p, s)]
+                          if x["stretch_max"] is not None and x["stretch_max"] > STALL_LIMIT})
+        if stalled:
+            print(f"    !!! the machine stalled (a measured window ran over {STALL_LIMIT} s long) in: "
+                  + ", ".join(f"{c} {p} {s} (+{t} s)" for c, p, s, t in stalled)
+                  + ": those series are not of record")
         bm = self.summary("throughput", self.pins("throughput")[0], "broker")["rps"] if self.pins("throughput") else None
         bn = self.summary("throughput", self.pins("throughput")[0], "broker-no-metrics")["rps"] if self.pins("throughput") else None
         cost = (1 - bm / bn) * 100 if bm is not None and bn else None
