@@ -360,10 +360,14 @@ def load_stat(d, case, server):
         # The counters run from the snapshot before enabling to the one after disabling: the
         # end of the pause and the phase. Rates per second use that span.
         counted = b.get("time", 0) - a.get("time", 0)
+        # What the rest of the machine ran meanwhile, in cores (busy less server and client).
+        busy = (b["machine_busy"] - a["machine_busy"]) / tck
+        client = (lg.get("client_cpu_ratio") or 0) * secs
+        others = max(busy - total_cpu - client, 0) / counted if counted > 0 else None
     else:
-        counted = 0
+        counted, others = 0, None
     return {"threads": threads, "secs": secs, "n": n, "rps": n / secs, "cpu_s": total_cpu,
-            "counted_s": counted if counted > 0 else secs}
+            "counted_s": counted if counted > 0 else secs, "others": others}
 
 
 def stat_section(d):
@@ -395,6 +399,9 @@ def stat_section(d):
                     "" if not v else (f"{v:.2f}" if i == 0 else f"{v:.3f}") for i, v in enumerate(cells)) + " |")
         rates = ", ".join(f"{srv} {stats[(case, srv)]['rps']:,.0f}" for srv in SERVERS)
         counted = ", ".join(f"{srv} {stats[(case, srv)]['n']:,}" for srv in SERVERS)
+        others = ", ".join(f"{srv} {fmt(stats[(case, srv)]['others'], '{:.2f}')}" for srv in SERVERS)
+        print(f"\nOther processes used {others} cores during these runs (above about 0.15 the "
+              "CPU times are not of record; the counts per request hardly move).")
         print(f"\nAt {rates} req/s ({counted} requests counted). CPU µs: per request, on a "
               "CPU by /proc/PID/task/*/schedstat; cs: context switches (perf's software event); "
               "the syscall columns: per request, by kind.\n")
