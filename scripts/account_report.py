@@ -319,11 +319,14 @@ def fmt(x, spec="{:,.0f}"):
 
 def load_stat(d, case, server):
     """perf stat's counts by thread over a phase of a fixed request count, with CPU per thread
-    from the /proc snapshots taken as the counters were enabled and disabled."""
+    from the /proc snapshots of the perf record run over the same count (counting tracepoints
+    slows the server by a fraction of a microsecond per syscall; sampling does not)."""
     base = d / f"stat-{case}-{server}"
+    rec = d / f"perf-{case}-{server}"
     try:
-        lg = json.load(open(f"{base}.loadgen.json"))
-        snaps = [json.loads(l) for l in open(f"{base}.proc") if l.strip()]
+        lg = json.load(open(f"{rec}.loadgen.json"))
+        counted_lg = json.load(open(f"{base}.loadgen.json"))
+        snaps = [json.loads(l) for l in open(f"{rec}.proc") if l.strip()]
         lines = open(f"{base}.csv").read().splitlines()
     except (OSError, ValueError) as e:
         die(f"{base}: {e}")
@@ -343,9 +346,11 @@ def load_stat(d, case, server):
             threads[name][event.split("sys_enter_", 1)[1].split(":")[0]] += value
     n = lg.get("ok_total", 0) + lg.get("errors_total", 0)
     secs = lg.get("measured_s") or 0
-    if not n or not secs or lg.get("lost") or lg.get("mismatched"):
-        die(f"{base}: the measured phase answered {n} requests in {secs} s, lost "
-            f"{lg.get('lost')}, mismatched {lg.get('mismatched')}")
+    for what, x in (("record", lg), ("stat", counted_lg)):
+        answered = x.get("ok_total", 0) + x.get("errors_total", 0)
+        if answered != n or not x.get("measured_s") or x.get("lost") or x.get("mismatched"):
+            die(f"{d}: the {what} run of {case}/{server} answered {answered} requests (expected "
+                f"{n}) in {x.get('measured_s')} s, lost {x.get('lost')}, mismatched {x.get('mismatched')}")
     total_cpu = None
     if len(snaps) == 2 and all(snaps):
         a, b = snaps
@@ -366,8 +371,14 @@ def load_stat(d, case, server):
         others = max(busy - total_cpu - client, 0) / counted if counted > 0 else None
     else:
         counted, others = 0, None
+    # The stat run's own span (its snapshots bracket the counters), for rates per second.
+    try:
+        st = [json.loads(l) for l in open(f"{base}.proc") if l.strip()]
+        stat_secs = st[1]["time"] - st[0]["time"]
+    except (OSError, ValueError, IndexError, KeyError):
+        stat_secs = counted_lg["measured_s"]
     return {"threads": threads, "secs": secs, "n": n, "rps": n / secs, "cpu_s": total_cpu,
-            "counted_s": counted if counted > 0 else secs, "others": others}
+            "counted_s": stat_secs, "others": others}
 
 
 def stat_section(d):
@@ -400,11 +411,12 @@ def stat_section(d):
         rates = ", ".join(f"{srv} {stats[(case, srv)]['rps']:,.0f}" for srv in SERVERS)
         counted = ", ".join(f"{srv} {stats[(case, srv)]['n']:,}" for srv in SERVERS)
         others = ", ".join(f"{srv} {fmt(stats[(case, srv)]['others'], '{:.2f}')}" for srv in SERVERS)
-        print(f"\nOther processes used {others} cores during these runs (above about 0.15 the "
-              "CPU times are not of record; the counts per request hardly move).")
+        print(f"\nOther processes used {others} cores during the CPU-timed runs (above about "
+              "0.15 their CPU times are not of record; the counts per request hardly move).")
         print(f"\nAt {rates} req/s ({counted} requests counted). CPU µs: per request, on a "
-              "CPU by /proc/PID/task/*/schedstat; cs: context switches (perf's software event); "
-              "the syscall columns: per request, by kind.\n")
+              "CPU by /proc/PID/task/*/schedstat in the perf record run (counting tracepoints "
+              "would slow the server); cs: context switches (perf's software event); the "
+              "syscall columns: per request, by kind.\n")
     return stats
 
 
@@ -413,7 +425,7 @@ def stat_section(d):
 def profile_section(d, stats):
     print("## Profile (perf record -e cpu-clock -F 999 -g, native)\n")
     print("Shares of the server's samples by thread and object, and the same in µs per request "
-          "(share x the server's CPU per request, from the stat run).\n")
+          "(share x the server's CPU per request in the same run).\n")
     for case in CASES:
         for server in SERVERS:
             path = d / f"perf-{case}-{server}.dso.txt"

@@ -326,10 +326,13 @@ perf_ctl() {
 # The three ways a phase is measured: callgrind's counters, perf stat, perf record.
 cg_start() { callgrind_control -z "$SERVER_PID" >>"$LOG" 2>&1; }
 cg_end() { callgrind_control -d "$SERVER_PID" >>"$LOG" 2>&1; }
+# CPU time comes from the record run's /proc snapshots: counting tracepoints (perf stat) costs
+# the server time per syscall, sampling at 999 Hz next to nothing. The stat run's snapshots
+# give the span its counters ran.
 stat_start() { proc_snapshot "$SERVER_PID" >"$PREFIX.proc"; perf_ctl enable; }
 stat_end() { perf_ctl disable; proc_snapshot "$SERVER_PID" >>"$PREFIX.proc"; }
-record_start() { perf_ctl enable; }
-record_end() { perf_ctl disable; }
+record_start() { proc_snapshot "$SERVER_PID" >"$PREFIX.proc"; perf_ctl enable; }
+record_end() { perf_ctl disable; proc_snapshot "$SERVER_PID" >>"$PREFIX.proc"; }
 
 # perf_session PREFIX PERF-ARGS...: starts perf (stat or record) on the server, disabled, with
 # its control fifos on fds 8 and 9; sets PERF_PID.
