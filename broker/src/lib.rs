@@ -279,11 +279,10 @@ impl Broker {
         )
         .map_err(Error::Guard)?;
 
-        // Requests go to the workers, and outcomes come back, over channels: the first free
-        // worker takes the next request. Unbounded in type, bounded in use: the in-flight
-        // table is checked before anything is queued (a bounded channel would allocate
-        // --max-inflight slots up front).
-        let (jobs, jobs_rx) = crossbeam_channel::unbounded();
+        // Requests go to the workers through the job queue (the first free worker takes the
+        // next), and outcomes come back over a channel. Both unbounded in type, bounded in
+        // use: the in-flight table is checked before anything is queued.
+        let jobs = Arc::new(worker::Jobs::new());
         let (events_tx, events) = crossbeam_channel::unbounded();
         let queue = Arc::new(worker::QueueState::new(
             config.queue_target,
@@ -291,7 +290,7 @@ impl Broker {
         ));
         let waker = Arc::new(worker::Waker::new().map_err(Error::Guard)?);
         let pool = Pool {
-            jobs: jobs_rx.clone(),
+            jobs: Arc::clone(&jobs),
             events: events_tx,
             waker: Arc::clone(&waker),
             metrics: Arc::clone(&metrics),
@@ -339,7 +338,6 @@ impl Broker {
             coordinator::Workers {
                 handles,
                 jobs,
-                jobs_back: jobs_rx,
                 events,
                 waker,
                 activity,

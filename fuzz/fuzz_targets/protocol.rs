@@ -1,13 +1,13 @@
 //! Fuzzes the request/reply code the coordinator and clients run on untrusted bytes: the
-//! envelope rule over envelopes of 0..N frames, request classification, the reply encoder
-//! against its decoder (round trip), and reply parsing of arbitrary frames. Input bytes are
-//! split into frames at 0xFF.
+//! envelope rule over envelopes of 0..N frames, request inspection (the deadline header
+//! included), the reply encoder against its decoder (round trip), and reply parsing of
+//! arbitrary frames. Input bytes are split into frames at 0xFF.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use shared::protocol::{
-    encode_err, encode_ok, envelope_len, inspect, parse_reply, wire_size, Reply, RequestKind,
-    HEALTH_REQUEST, MAX_ENVELOPE_FRAMES, MAX_FRAMES,
+    encode_err, encode_ok, envelope_len, inspect, parse_reply, parse_timeout_header, wire_size,
+    Reply, RequestKind, HEALTH_REQUEST, MAX_ENVELOPE_FRAMES, MAX_FRAMES,
 };
 use shared::ErrorCode;
 
@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(frames[n - 1].is_empty());
             assert!(frames[1..n - 1].iter().all(|f| !f.is_empty()));
         }
-        let (envelope, body) = frames.split_at(n);
+        let (envelope, rest) = frames.split_at(n);
+        // The deadline header, if the first frame after the envelope is one, is not body.
+        let header = rest.first().and_then(|f| parse_timeout_header(f));
+        let body = if header.is_some() { &rest[1..] } else { rest };
+        let malformed = matches!(header, Some(Err(_)));
         let size: usize = body.iter().map(|f| f.len()).sum();
         let hops: usize = envelope[1..].iter().map(|f| f.len()).sum();
         let too_many = envelope.len() > MAX_ENVELOPE_FRAMES || frames.len() > MAX_FRAMES;
@@ -32,13 +36,19 @@ fuzz_target!(|data: &[u8]| {
         // The one-pass inspection agrees with the rule and with the sizes counted apart.
         assert_eq!(seen.envelope_frames, n);
         assert_eq!((seen.body_bytes, seen.envelope_bytes), (size, hops));
+        assert_eq!(seen.header, header.is_some());
+        assert_eq!(seen.timeout, header.and_then(Result::ok));
         let wire: usize = frames[1..].iter().map(|f| wire_size(f.len())).sum();
         assert_eq!(seen.wire_bytes, wire);
         match seen.verdict {
             Err(ErrorCode::TooLarge) => assert!(too_many || size + hops > MAX),
-            Err(ErrorCode::BadRequest) => assert!(!too_many && size == 0 && hops <= MAX),
-            Ok(RequestKind::Health) => assert!(body == [HEALTH_REQUEST]),
-            Ok(RequestKind::Work) => assert!(!too_many && size > 0 && size + hops <= MAX),
+            Err(ErrorCode::BadRequest) => {
+                assert!(!too_many && (size == 0 || malformed) && hops <= MAX)
+            }
+            Ok(RequestKind::Health) => assert!(!malformed && body == [HEALTH_REQUEST]),
+            Ok(RequestKind::Work) => {
+                assert!(!too_many && !malformed && size > 0 && size + hops <= MAX)
+            }
             Err(other) => panic!("inspect never answers {other}"),
         }
         // An envelope that is not echoed is always one whose request is refused.

@@ -2,12 +2,14 @@
 //! built-in handlers, and the worker threads that run them, fed and answered over channels.
 
 pub mod handlers;
+pub mod jobs;
 pub mod pool;
 pub mod queue;
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use jobs::Jobs;
 pub use pool::{Activity, Error, Event, Job, Outcome, Pool, Shed, Ticket, Waker, Worker};
 pub use queue::QueueState;
 pub use shared::ErrorCode;

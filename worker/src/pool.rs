@@ -1,7 +1,7 @@
-//! Worker threads. Each takes requests from the job channel the coordinator fills, one at a
-//! time and only when it is free (so nothing waits behind a slow request while another worker
-//! idles), runs its handler, and returns the outcome on the event channel, waking the
-//! coordinator if it sleeps. A worker stops when the job channel is closed and empty.
+//! Worker threads. Each takes requests from the job queue the coordinator fills (`jobs.rs`), one
+//! at a time and only when it is free (so nothing waits behind a slow request while another
+//! worker idles), runs its handler, and returns the outcome on the event channel, waking the
+//! coordinator if it sleeps. A worker stops when the job queue is closed and empty.
 
 use std::any::Any;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::Sender;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use shared::metrics::Recorder;
 use shared::protocol::MAX_FRAMES;
 use shared::Metrics;
 
+use crate::jobs::{Jobs, Taken};
 use crate::queue::QueueState;
 use crate::{Context, Frame, Handler, HandlerError};
 
@@ -226,8 +227,8 @@ impl AsRawFd for Waker {
 /// What every worker of a pool shares.
 #[derive(Clone)]
 pub struct Pool {
-    /// Requests to run; closing the sender stops the workers once it is empty.
-    pub jobs: Receiver<Job>,
+    /// Requests to run; closing it stops the workers once it is empty.
+    pub jobs: Arc<Jobs>,
     /// Where outcomes go.
     pub events: Sender<Event>,
     /// Wakes the coordinator.
@@ -271,21 +272,12 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
     pool.waker.notify();
     log::debug!("worker {index}: ready");
     loop {
-        let job = match pool.jobs.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Empty) => {
-                // Idle: publish counts, then wait for work (or the channel to close). The
-                // queue is empty until a job arrives, so it drained as late as that.
-                rec.flush();
-                match pool.jobs.recv() {
-                    Ok(job) => {
-                        pool.queue.drained(Instant::now());
-                        job
-                    }
-                    Err(_) => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
+        if pool.jobs.is_empty() {
+            // About to idle: publish counts first.
+            rec.flush();
+        }
+        let Some(Taken { job, drained }) = pool.jobs.pop() else {
+            break;
         };
         let started = Instant::now();
         let waited = started.duration_since(job.received);
@@ -293,8 +285,9 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
         rec.flush_if_due(started);
         let ticket = job.ticket;
         let verdict = shed(&job, waited, started, &pool.queue);
-        // Taking the last job drains the queue (decided after: this job waited in it).
-        if pool.jobs.is_empty() {
+        // The queue was empty until this job came, or is now: it drained (recorded after the
+        // decision: this job waited in it).
+        if drained {
             pool.queue.drained(started);
         }
         let outcome = match verdict {
@@ -375,6 +368,7 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crossbeam_channel::Receiver;
 
     struct Panicky;
 
@@ -409,18 +403,18 @@ mod tests {
     }
 
     struct Harness {
-        jobs: Sender<Job>,
+        jobs: Arc<Jobs>,
         events: Receiver<Event>,
         waker: Arc<Waker>,
         worker: Worker,
     }
 
     fn start() -> Harness {
-        let (jobs, job_rx) = crossbeam_channel::unbounded();
+        let jobs = Arc::new(Jobs::new());
         let (event_tx, events) = crossbeam_channel::unbounded();
         let waker = Arc::new(Waker::new().expect("eventfd"));
         let pool = Pool {
-            jobs: job_rx,
+            jobs: Arc::clone(&jobs),
             events: event_tx,
             waker: Arc::clone(&waker),
             metrics: Arc::new(Metrics::new("test").expect("metrics")),
@@ -457,13 +451,13 @@ mod tests {
             generation: 2,
         };
         h.jobs
-            .send(Job {
+            .push(Job {
                 ticket,
                 received,
                 deadline,
                 body: vec![Frame::from(body)],
             })
-            .expect("send job");
+            .expect("the queue is open");
         match h.events.recv_timeout(Duration::from_secs(10)) {
             Ok(Event::Done { ticket: t, outcome }) => {
                 assert_eq!(t, ticket, "the ticket comes back");
@@ -504,7 +498,7 @@ mod tests {
         ];
         for (slot, body) in jobs {
             h.jobs
-                .send(Job {
+                .push(Job {
                     ticket: Ticket {
                         slot,
                         generation: 2,
@@ -513,7 +507,7 @@ mod tests {
                     deadline: None,
                     body: vec![Frame::from(body)],
                 })
-                .expect("send job");
+                .expect("the queue is open");
         }
         let mut outcomes = Vec::new();
         for _ in jobs {
@@ -566,7 +560,7 @@ mod tests {
         assert_eq!(e.code, shared::ErrorCode::HandlerFailed);
         assert_eq!(run(&h, 4, b"hello"), Ok(vec![b"hello".to_vec()]));
         // Closing the job channel stops the worker.
-        drop(h.jobs);
+        h.jobs.close();
         h.worker
             .thread
             .join()

@@ -44,8 +44,6 @@ pub struct Load {
     pub bytes_fit: bool,
     /// The request's cost fits its connection's share of `--max-connection-bytes`.
     pub conn_fits: bool,
-    /// The request's cost fits the share of `--max-buffered-bytes` work may use.
-    pub buffered_fits: bool,
     /// New work is refused to stay inside the memory limit.
     pub shedding: bool,
     /// A request admitted now would wait past the queue target in a standing queue.
@@ -75,7 +73,6 @@ pub fn admit(
         Ok(RequestKind::Work) if load.full => refuse(R::MaxInflight),
         Ok(RequestKind::Work) if !load.bytes_fit => refuse(R::MaxInflightBytes),
         Ok(RequestKind::Work) if !load.conn_fits => refuse(R::MaxConnectionBytes),
-        Ok(RequestKind::Work) if !load.buffered_fits => refuse(R::MaxBufferedBytes),
         Ok(RequestKind::Work) if load.shedding => refuse(R::Memory),
         Ok(RequestKind::Work) if load.past_target => refuse(R::PredictedWait),
         Ok(RequestKind::Work) if budget.is_some_and(|b| load.predicted_wait > b) => {
@@ -101,7 +98,7 @@ pub fn refusal(reason: RefusedReason) -> (ErrorCode, &'static str) {
             ErrorCode::Overloaded,
             "broker's queue is longer than its target; retry later or elsewhere",
         ),
-        R::MaxInflight | R::MaxInflightBytes | R::MaxBufferedBytes | R::Memory => (
+        R::MaxInflight | R::MaxInflightBytes | R::Memory => (
             ErrorCode::Overloaded,
             "broker is at its in-flight or memory limit; retry later or elsewhere",
         ),
@@ -182,16 +179,16 @@ impl Coordinator {
                     frames.clear();
                     return;
                 };
-                // The first free worker takes it. The channel holds at most --max-inflight
-                // jobs (the table is checked first).
+                // The first free worker takes it. The queue holds at most --max-inflight jobs
+                // (the table is checked first).
                 let job = Job {
                     ticket,
                     received: now,
                     deadline: seen.timeout.and_then(|budget| now.checked_add(budget)),
                     body: std::mem::take(frames),
                 };
-                if self.workers.jobs.send(job).is_err() {
-                    log::error!("job channel closed; request dropped");
+                if self.workers.jobs.push(job).is_err() {
+                    log::error!("job queue closed; request dropped");
                 }
             }
             Admission::Health => {
@@ -230,7 +227,6 @@ impl Coordinator {
                 let share = self.config.max_connection_bytes as u64 / 2;
                 self.conns.fits(o.fd, o.conn, cost as u64, share)
             }),
-            buffered_fits: self.outbox.buffered_room(&mut self.conns, cost as u64),
             shedding: self.guard.shedding(),
             past_target: queue.shed_at_door(now, predicted),
             predicted_wait: predicted,
@@ -293,7 +289,6 @@ mod tests {
         full: false,
         bytes_fit: true,
         conn_fits: true,
-        buffered_fits: true,
         shedding: false,
         past_target: false,
         predicted_wait: Duration::ZERO,
@@ -318,7 +313,6 @@ mod tests {
             full: true,
             bytes_fit: false,
             conn_fits: false,
-            buffered_fits: false,
             shedding: true,
             past_target: true,
             predicted_wait: Duration::from_secs(60),
@@ -363,14 +357,6 @@ mod tests {
                     ..IDLE
                 },
                 R::MaxConnectionBytes,
-                ErrorCode::Overloaded,
-            ),
-            (
-                Load {
-                    buffered_fits: false,
-                    ..IDLE
-                },
-                R::MaxBufferedBytes,
                 ErrorCode::Overloaded,
             ),
             (
@@ -462,7 +448,6 @@ mod tests {
             full: true,
             bytes_fit: false,
             conn_fits: false,
-            buffered_fits: false,
             shedding: true,
             past_target: true,
             predicted_wait: Duration::from_secs(1),

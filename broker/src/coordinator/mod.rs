@@ -21,17 +21,17 @@ pub mod replies;
 mod shutdown;
 pub mod slab;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use nix::sys::signal::Signal;
 use shared::metrics::Recorder;
 use shared::protocol::MAX_FRAMES;
 use shared::socket::try_recv_message;
 use shared::Metrics;
-use worker::{Activity, Event, Job, QueueState, Waker};
+use worker::{Activity, Event, Jobs, QueueState, Waker};
 use zmq::{Message, Socket};
 
 use crate::access::{Refusals, ZapHandler};
@@ -54,6 +54,9 @@ const RESYNC_EVERY: Duration = Duration::from_millis(100);
 /// While requests keep the coordinator busy it does not poll; it looks at its other inputs
 /// (signals, connection events, ZAP) this often.
 const LOOK_EVERY: Duration = Duration::from_millis(1);
+/// While busy, per-turn figures are published at most this often (a turn can be one request):
+/// a scrape then lags by at most this much, and before every sleep they are published anyway.
+const PUBLISH_EVERY: Duration = Duration::from_millis(1);
 /// How often the `--curve-allow-keys` file is checked for changes (also before every batch of
 /// handshakes), so a removed key's connections are reset within about this long.
 const KEY_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -106,10 +109,9 @@ pub struct Sockets {
 pub struct Workers {
     /// Every worker thread, joined at the end.
     pub handles: Vec<worker::Worker>,
-    /// Where requests go; dropping it stops the workers once they have taken what is queued.
-    pub jobs: Sender<Job>,
-    /// A receiver of the same channel, to take back what no worker will run (drain deadline).
-    pub jobs_back: Receiver<Job>,
+    /// Where requests go: the first free worker takes the next; closing it stops the workers
+    /// once they have taken what is queued, and what no worker will run can be taken back.
+    pub jobs: Arc<Jobs>,
     /// Outcomes and start-up reports from the workers.
     pub events: Receiver<Event>,
     /// How the workers wake the coordinator when an event arrives while it sleeps.
@@ -147,6 +149,10 @@ pub struct Coordinator {
     front_ready: bool,
     /// When to look at the other inputs while busy.
     next_look: Instant,
+    /// When per-turn figures are next published while busy.
+    next_publish: Instant,
+    /// The descriptors `wait` polls (fixed for the sockets' lives; asked of libzmq once).
+    poll_fds: [RawFd; 5],
     last_read: Instant,
     next_resync: Instant,
     next_key_check: Instant,
@@ -199,6 +205,8 @@ impl Coordinator {
             now,
             front_ready: false,
             next_look: now,
+            next_publish: now,
+            poll_fds: [-1; 5],
             last_read: now,
             next_resync: now,
             next_key_check: now + KEY_CHECK_EVERY,
@@ -210,6 +218,7 @@ impl Coordinator {
     /// Runs until drained or hard-stopped. On a clean exit every worker that is not stuck in
     /// its handler has been joined.
     pub fn run(mut self) -> Result<Exit, Error> {
+        self.poll_fds = self.poll_fds()?;
         // A socket's notification fd only signals news after the socket has been found
         // empty once (libzmq's edge-triggered ZMQ_FD): look at each before the first poll.
         self.read_monitor()?;
@@ -234,8 +243,6 @@ impl Coordinator {
                 .min(self.heartbeat)
                 .min(self.next_resync.saturating_duration_since(now))
                 .min(self.next_key_check.saturating_duration_since(now));
-            // Publish this turn's counts before blocking, so a scrape sees them.
-            self.publish(now);
             // Replies sent since the front was last read may have consumed its notification:
             // libzmq wants ZMQ_EVENTS asked after any send or receive before its fd is polled.
             if !self.front_ready && self.outbox.sent_since_read {
@@ -246,7 +253,14 @@ impl Coordinator {
                     .get_events()
                     .is_ok_and(|e| e.contains(zmq::POLLIN));
             }
-            let ready = if self.front_ready || !self.workers.events.is_empty() {
+            let busy = self.front_ready || !self.workers.events.is_empty();
+            // Publish this turn's counts before blocking, so a scrape sees them; while busy,
+            // every millisecond at most.
+            if !busy || now >= self.next_publish {
+                self.next_publish = now + PUBLISH_EVERY;
+                self.publish(now);
+            }
+            let ready = if busy {
                 // Work is waiting: no sleep. The other inputs are looked at now and then.
                 if now >= self.next_look {
                     self.next_look = now + LOOK_EVERY;
@@ -374,21 +388,7 @@ impl Coordinator {
     /// notification descriptors of the ZeroMQ sockets (readable when libzmq has news for the
     /// socket; the socket itself then says whether a message waits).
     fn wait(&self, timeout: Duration) -> Result<Ready, Error> {
-        let s = &self.sockets;
-        let fd = |socket: &Socket| {
-            socket.get_fd().map_err(|source| Error::Socket {
-                socket: "notification",
-                source,
-            })
-        };
-        let mut fds = [
-            (s.signals.as_raw_fd(), false),
-            (fd(&s.monitor)?, false),
-            (self.workers.waker.as_raw_fd(), false),
-            (fd(&s.front)?, false),
-            // Without a ZAP handler, a negative descriptor, which poll skips.
-            (s.zap.as_ref().map_or(Ok(-1), |z| fd(z.socket()))?, false),
-        ];
+        let mut fds = self.poll_fds.map(|fd| (fd, false));
         // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
         let millis = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         crate::sys::poll_readable(&mut fds, millis).map_err(Error::Poll)?;
@@ -399,6 +399,26 @@ impl Coordinator {
             front: fds[3].1,
             zap: fds[4].1,
         })
+    }
+
+    /// The descriptors to poll, in `Ready`'s order: the signalfd, the monitor's and the front
+    /// socket's notification fds, the workers' waker, and the ZAP socket's (without a ZAP
+    /// handler a negative descriptor, which poll skips).
+    fn poll_fds(&self) -> Result<[RawFd; 5], Error> {
+        let s = &self.sockets;
+        let fd = |socket: &Socket| {
+            socket.get_fd().map_err(|source| Error::Socket {
+                socket: "notification",
+                source,
+            })
+        };
+        Ok([
+            s.signals.as_raw_fd(),
+            fd(&s.monitor)?,
+            self.workers.waker.as_raw_fd(),
+            fd(&s.front)?,
+            s.zap.as_ref().map_or(Ok(-1), |z| fd(z.socket()))?,
+        ])
     }
 
     /// Reads up to [`BATCH`] requests from the front socket; remembers whether more wait.

@@ -181,11 +181,14 @@ impl Outbox {
     ) {
         self.tally.answered += 1;
         body.encode(&mut self.body);
-        let wire = envelope[1..]
-            .iter()
-            .chain(self.body.iter())
-            .map(|f| wire_size(f.len()) as u64)
-            .sum::<u64>();
+        // One look at each frame's length (an FFI call apiece): the bytes after the routing id
+        // and their wire size.
+        let (mut bytes, mut wire) = (0usize, 0u64);
+        for frame in envelope[1..].iter().chain(self.body.iter()) {
+            let len = frame.len();
+            bytes += len;
+            wire += wire_size(len) as u64;
+        }
         let frames = (envelope.len() + self.body.len()) as u32;
         let verdict = match origin.and_then(|o| self.over_limits(conns, o, wire)) {
             Some(reason) => Err(reason),
@@ -195,8 +198,8 @@ impl Outbox {
         envelope.clear();
         self.spare_envelopes.push(envelope);
         match verdict {
-            Ok(sent) => {
-                rec.reply_sent(sent);
+            Ok(()) => {
+                rec.reply_sent(bytes);
                 if let Some(o) = origin {
                     conns.reply_sent(o.fd, o.conn, wire, frames);
                 }
@@ -205,28 +208,26 @@ impl Outbox {
         }
     }
 
-    /// Hands the frames to libzmq; the bytes sent after the routing id, or why it refused.
+    /// Hands the frames to libzmq, or says why it refused.
     fn hand_over(
         &mut self,
         front: &Socket,
         envelope: &mut Vec<Message>,
         origin: Option<Origin>,
-    ) -> Result<usize, DropReason> {
+    ) -> Result<(), DropReason> {
         // With ROUTER_MANDATORY the first frame decides: once it is accepted the rest of the
         // message is too (the pipe counts whole messages).
         self.sent_since_read = true;
         let mut frames = envelope.drain(..).chain(self.body.drain(..)).peekable();
         let Some(first) = frames.next() else {
-            return Ok(0);
+            return Ok(());
         };
         if let Err(e) = send_one(front, first, zmq::DONTWAIT | zmq::SNDMORE) {
             let reset = origin.is_some_and(|o| self.recent_resets.contains(&o.conn));
             log::debug!("reply dropped: {e}");
             return Err(refused_send(e, reset));
         }
-        let mut sent = 0;
         while let Some(frame) = frames.next() {
-            sent += frame.len();
             let more = if frames.peek().is_some() {
                 zmq::SNDMORE
             } else {
@@ -237,13 +238,7 @@ impl Outbox {
                 break;
             }
         }
-        Ok(sent)
-    }
-
-    /// True when all connections' unread replies and `extra` more fit in half of
-    /// `--max-buffered-bytes` (the share admission gives work; see `intake::Refusal`).
-    pub fn buffered_room(&mut self, conns: &mut conns::Table, extra: u64) -> bool {
-        self.within_budget(conns, extra, self.max_buffered_bytes / 2)
+        Ok(())
     }
 
     /// True when the outbound total plus `extra` is at most `limit`, measuring every

@@ -47,7 +47,7 @@ impl Coordinator {
     /// handler are abandoned.
     pub(super) fn expire(&mut self) {
         // Queued requests will not run: take them back so no worker starts one.
-        while self.workers.jobs_back.try_recv().is_ok() {}
+        self.workers.jobs.take_back();
         let now = Instant::now();
         let held = self.inflight.remove_all(now);
         let timed_out = held.len();
@@ -63,11 +63,10 @@ impl Coordinator {
     /// Stops and joins every worker that is not stuck in a handler. Returns how many were
     /// left behind.
     pub(super) fn stop_workers(&mut self) -> usize {
-        // Nothing queued is run any more; closing the channel makes every worker leave once
-        // it has finished the request it is on.
-        while self.workers.jobs_back.try_recv().is_ok() {}
-        let (closed, _) = crossbeam_channel::bounded(0);
-        drop(std::mem::replace(&mut self.workers.jobs, closed));
+        // Nothing queued is run any more; closing the queue makes every worker leave once it
+        // has finished the request it is on.
+        self.workers.jobs.take_back();
+        self.workers.jobs.close();
         let grace = Instant::now() + JOIN_GRACE;
         let mut handles = std::mem::take(&mut self.workers.handles);
         let mut stopped = vec![false; handles.len()];

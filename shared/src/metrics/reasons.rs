@@ -112,8 +112,6 @@ reasons! {
         /// Its connection's held requests and unread replies were at half of
         /// `--max-connection-bytes`.
         MaxConnectionBytes => "max_connection_bytes",
-        /// All connections' unread replies were at half of `--max-buffered-bytes`.
-        MaxBufferedBytes => "max_buffered_bytes",
         /// The process was near its memory limit.
         Memory => "memory",
         /// The broker was draining.
