@@ -12,7 +12,9 @@ use crate::handshake::{watch, Seen};
 use clap::Args;
 use shared::protocol::{parse_reply, Reply, HEALTH_REQUEST};
 
-use crate::security::{CurveArgs, Security};
+use client::Security;
+
+use crate::curve::CurveArgs;
 
 /// The longest `--timeout`.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);

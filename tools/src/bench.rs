@@ -13,8 +13,8 @@ use std::time::Duration;
 use clap::Args;
 use shared::parse::{bounded_duration, count};
 
+use crate::curve::CurveArgs;
 use crate::load::{self, Plan};
-use crate::security::CurveArgs;
 
 /// The longest --duration and --timeout.
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
@@ -87,7 +87,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let endpoints = match crate::resolve::resolve(&args.endpoints) {
+    let endpoints = match client::resolve::resolve(&args.endpoints) {
         Ok(endpoints) => endpoints,
         Err(e) => {
             eprintln!("bench failed: {e}");
