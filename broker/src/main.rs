@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Health-check a running broker (for exec probes): exit 0 on a reply, 1 otherwise.
+    /// Health-check a running broker (for exec probes): exit 0 when it is serving, 1 otherwise.
     Probe(tools::probe::ProbeArgs),
     /// Load a running broker and report throughput and latency.
     Bench(tools::bench::BenchArgs),

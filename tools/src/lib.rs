@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod curve;
+pub mod greeting;
 pub mod handshake;
 pub mod keygen;
 pub mod load;
