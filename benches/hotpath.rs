@@ -4,9 +4,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use broker::coordinator::inflight::Slab;
+use broker::coordinator::slab::Slab;
 use criterion::{criterion_group, criterion_main, Criterion};
-use shared::protocol::{classify, envelope_len, wire_size};
+use shared::protocol::{inspect, wire_size};
 use shared::{ErrorCode, Metrics};
 use zmq::Message;
 
@@ -16,11 +16,8 @@ fn parsing(c: &mut Criterion) {
         Message::new(),
         Message::from(&[0x5Au8; 64][..]),
     ];
-    c.bench_function("envelope_and_classify", |b| {
-        b.iter(|| {
-            let n = envelope_len(black_box(&frames)).unwrap_or(0);
-            black_box(classify(&frames[..n], &frames[n..], 1 << 20))
-        })
+    c.bench_function("inspect_a_request", |b| {
+        b.iter(|| black_box(inspect(black_box(&frames), 1 << 20)))
     });
     c.bench_function("wire_size_of_a_request", |b| {
         b.iter(|| {
@@ -54,13 +51,11 @@ fn metrics(c: &mut Criterion) {
             b.iter(|| {
                 // Everything one OK request records, coordinator and worker side.
                 m.request_read(black_box(64));
-                m.set_inflight(black_box(3));
                 m.picked_up(black_box(Duration::from_micros(12)));
                 m.worker_started();
                 m.worker_finished(black_box(Duration::from_micros(3)));
                 m.replied(black_box(None), Some(black_box(Duration::from_micros(40))));
                 m.reply_sent(black_box(66));
-                m.set_inflight(black_box(2));
             })
         });
     }

@@ -24,69 +24,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use shared::metrics::ResetReason;
 
 use crate::sys::{self, TcpCounters};
 
 /// What libzmq reads of a connection before any request: the ZMTP greeting (64 bytes) and the
 /// READY command with the peer's metadata (socket type and a routing id of up to 255 bytes).
 pub const HANDSHAKE_ALLOWANCE: u64 = 1024;
-
-/// Why the broker closed a connection itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ResetReason {
-    /// Over `--max-connections` when it arrived (counted as refused, not reset).
-    Limit = 1,
-    /// Held more than `--max-connection-bytes` in one direction.
-    Oversized = 2,
-    /// Held bytes without progress (no complete request, or no reply read) for
-    /// `--stall-timeout`.
-    Stalled = 3,
-    /// Among the largest holders while all connections together held more than
-    /// `--max-buffered-bytes`.
-    Budget = 4,
-    /// Among the largest holders while the process was near its memory limit.
-    Memory = 5,
-    /// Its CURVE key was removed from `--curve-allow-keys`.
-    Revoked = 6,
-}
-
-impl ResetReason {
-    /// Every reason a connection is reset (not refused), for metric labels.
-    pub const RESETS: [ResetReason; 5] = [
-        ResetReason::Oversized,
-        ResetReason::Stalled,
-        ResetReason::Budget,
-        ResetReason::Memory,
-        ResetReason::Revoked,
-    ];
-    /// One more than the largest discriminant: the size of a per-reason tally.
-    pub const SLOTS: usize = 7;
-
-    /// The metric label and log word.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ResetReason::Limit => "limit",
-            ResetReason::Oversized => "oversized",
-            ResetReason::Stalled => "stalled",
-            ResetReason::Budget => "budget",
-            ResetReason::Memory => "memory",
-            ResetReason::Revoked => "revoked",
-        }
-    }
-
-    fn from_u8(raw: u8) -> Option<ResetReason> {
-        match raw {
-            1 => Some(ResetReason::Limit),
-            2 => Some(ResetReason::Oversized),
-            3 => Some(ResetReason::Stalled),
-            4 => Some(ResetReason::Budget),
-            5 => Some(ResetReason::Memory),
-            6 => Some(ResetReason::Revoked),
-            _ => None,
-        }
-    }
-}
 
 /// One front connection, shared by the coordinator and the guard.
 #[derive(Debug)]
@@ -169,13 +113,27 @@ impl Conn {
     /// Resets the connection (libzmq then drops it and everything it held) and records why.
     /// Returns false if it was already reset.
     pub fn reset(&self, reason: ResetReason) -> bool {
+        // Stored as index + 1: 0 is "not reset".
+        let mark = reason.index() as u8 + 1;
         if self
             .reset
-            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
             return false;
         }
+        self.abort();
+        true
+    }
+
+    /// Refuses the connection at accept (over `--max-connections`): closed at once, never
+    /// served, counted as refused rather than reset.
+    fn refuse(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+        self.abort();
+    }
+
+    fn abort(&self) {
         if let Err(e) = sys::abort_connection(self.fd.as_fd()) {
             // Not expected on Linux; a shutdown and an empty receive queue end it too, if the
             // peer stops sending.
@@ -187,12 +145,14 @@ impl Conn {
                 nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             sys::discard_input(self.fd.as_fd());
         }
-        true
     }
 
     /// Why the broker shut it down, if it did.
     pub fn reset_reason(&self) -> Option<ResetReason> {
-        ResetReason::from_u8(self.reset.load(Ordering::Acquire))
+        let mark = self.reset.load(Ordering::Acquire);
+        ResetReason::ALL
+            .get(usize::from(mark).checked_sub(1)?)
+            .copied()
     }
 
     /// True if it was refused at accept.
@@ -353,8 +313,7 @@ impl Table {
         self.next_id += 1;
         let conn = Arc::new(Conn::new(self.next_id, fd));
         let verdict = if self.open >= self.max {
-            conn.refused.store(true, Ordering::Relaxed);
-            conn.reset(ResetReason::Limit);
+            conn.refuse();
             Accepted::Refused
         } else {
             self.open += 1;

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use shared::Metrics;
 
-use crate::conns::{Conn, Registry, ResetReason};
+use shared::metrics::ResetReason;
+
+use crate::conns::{Conn, Registry};
 
 /// How often resident memory is read above half the memory limit: an attack of tiny frames
 /// grows libzmq's memory by a few MiB per millisecond on loopback.
@@ -208,7 +210,7 @@ impl Scanner {
     /// resident memory), also resets the largest holders. Returns how many it reset.
     fn scan(&mut self, now: Instant, pressure: Option<u64>) -> u64 {
         let conns = self.registry.snapshot();
-        let mut resets = [0u64; ResetReason::SLOTS];
+        let mut resets = [0u64; ResetReason::ALL.len()];
         // (inbound held, both directions held, no progress for IDLE_FIRST_AFTER, connection)
         let mut holders: Vec<(u64, u64, bool, &Arc<Conn>)> = Vec::with_capacity(conns.len());
         let (mut total_in, mut total_out) = (0u64, 0u64);
@@ -248,7 +250,7 @@ impl Scanner {
                     reason.as_str(),
                 );
                 if conn.reset(reason) {
-                    resets[reason as usize] += 1;
+                    resets[reason.index()] += 1;
                 }
                 continue;
             }
@@ -271,7 +273,7 @@ impl Scanner {
                     break;
                 }
                 if conn.reset(ResetReason::Budget) {
-                    resets[ResetReason::Budget as usize] += 1;
+                    resets[ResetReason::Budget.index()] += 1;
                     over = over.saturating_sub(*held_in);
                     total_in = total_in.saturating_sub(*held_in);
                 }
@@ -292,7 +294,7 @@ impl Scanner {
                     break;
                 }
                 if conn.reset(ResetReason::Memory) {
-                    resets[ResetReason::Memory as usize] += 1;
+                    resets[ResetReason::Memory.index()] += 1;
                     to_free = to_free.saturating_sub(*held);
                     total_in = total_in.saturating_sub(*held_in);
                 }
@@ -303,12 +305,12 @@ impl Scanner {
         resets.iter().sum()
     }
 
-    fn report(&self, resets: &[u64; ResetReason::SLOTS]) {
+    fn report(&self, resets: &[u64; ResetReason::ALL.len()]) {
         let mut parts = Vec::new();
-        for reason in ResetReason::RESETS {
-            let n = resets[reason as usize];
+        for &reason in ResetReason::ALL {
+            let n = resets[reason.index()];
             if n > 0 {
-                self.metrics.connections_reset(reason.as_str(), n);
+                self.metrics.connections_reset(reason, n);
                 parts.push(format!("{n} {}", reason.as_str()));
             }
         }

@@ -1,14 +1,7 @@
 //! The broker's lifecycle state and health, shared lock-free between the coordinator (which
-//! changes it) and the admin server (which reports it as readiness and liveness).
-//!
-//! ```text
-//! starting --all workers started--> serving --SIGTERM--> stopping --shutdown delay--> draining
-//!                                                      (not ready,                  (ERR draining for new
-//!                                                       still serving)               requests; wait in-flight)
-//! draining --in-flight done or drain deadline--> stopped
-//! any state --second stop signal--> exit now (128 + signal)
-//! (stop signals: SIGTERM, SIGINT, SIGQUIT)
-//! ```
+//! publishes the state its lifecycle clock decides, `coordinator/clock.rs`) and the admin
+//! server (which reports it as readiness and liveness). The states and their transitions are
+//! drawn in docs/architecture.md, "Lifecycle".
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -111,7 +104,8 @@ impl Status {
         State::from_u8(self.state.load(Ordering::Acquire))
     }
 
-    /// Moves to `next`, logging the transition at info.
+    /// Moves to `next`, logging the transition at info (the coordinator calls this in one
+    /// place, with the state its clock decided).
     pub fn set(&self, next: State) {
         let previous = State::from_u8(self.state.swap(next as u8, Ordering::AcqRel));
         if previous != next {
@@ -144,7 +138,7 @@ impl Status {
         self.full.store(full, Ordering::Relaxed);
     }
 
-    /// Whether new work is refused for memory (set by the guard).
+    /// Whether new work is refused for memory (set by the coordinator from the guard's flag).
     pub fn set_shedding(&self, shedding: bool) {
         self.shedding.store(shedding, Ordering::Relaxed);
     }

@@ -8,9 +8,7 @@ mod common;
 use common::{Broker, EVENT_TIMEOUT};
 use proptest::collection::vec;
 use proptest::prelude::*;
-use shared::protocol::{
-    classify, echoes_envelope, envelope_len, parse_reply, Reply, RequestKind, HEALTH_REQUEST,
-};
+use shared::protocol::{inspect, parse_reply, Reply, RequestKind, HEALTH_REQUEST};
 
 const MAX: usize = 256;
 
@@ -69,13 +67,14 @@ fn every_frame_sequence_gets_exactly_one_predicted_reply() {
         // What the broker sees: its routing id, then what was sent. The rule splits it.
         let mut seen = vec![b"routing-id".to_vec()];
         seen.extend(sent.iter().cloned());
-        let split = envelope_len(&seen).expect("a routing id at least");
+        let inspection = inspect(&seen, MAX).expect("a routing id at least");
+        let split = inspection.envelope_frames;
         // An envelope over its bounds is not echoed (the reply goes to the peer alone).
-        let expected_envelope = if echoes_envelope(&seen[..split], MAX) { &seen[1..split] } else { &seen[1..1] };
+        let expected_envelope = if inspection.echo_envelope { &seen[1..split] } else { &seen[1..1] };
         prop_assert!(reply.len() >= expected_envelope.len());
         prop_assert_eq!(&reply[..expected_envelope.len()], expected_envelope, "envelope comes back");
         let rest = reply.split_off(expected_envelope.len());
-        match (classify(&seen[..split], &seen[split..], MAX), parse_reply(rest).expect("well-formed reply")) {
+        match (inspection.verdict, parse_reply(rest).expect("well-formed reply")) {
             (Ok(RequestKind::Work), Reply::Ok(echo)) => prop_assert_eq!(echo, seen[split..].to_vec()),
             (Ok(RequestKind::Health), Reply::Ok(state)) => prop_assert_eq!(state, vec![b"serving".to_vec()]),
             (Err(code), Reply::Err { code: got, .. }) => prop_assert_eq!(code, got),

@@ -6,8 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use shared::protocol::{
-    classify, echoes_envelope, encode_err, encode_ok, envelope_len, parse_reply, Reply,
-    RequestKind, HEALTH_REQUEST, MAX_ENVELOPE_FRAMES, MAX_FRAMES,
+    encode_err, encode_ok, envelope_len, inspect, parse_reply, wire_size, Reply, RequestKind,
+    HEALTH_REQUEST, MAX_ENVELOPE_FRAMES, MAX_FRAMES,
 };
 use shared::ErrorCode;
 
@@ -28,16 +28,22 @@ fuzz_target!(|data: &[u8]| {
         let size: usize = body.iter().map(|f| f.len()).sum();
         let hops: usize = envelope[1..].iter().map(|f| f.len()).sum();
         let too_many = envelope.len() > MAX_ENVELOPE_FRAMES || frames.len() > MAX_FRAMES;
-        match classify(envelope, body, MAX) {
+        let seen = inspect(&frames, MAX).expect("a routing id at least");
+        // The one-pass inspection agrees with the rule and with the sizes counted apart.
+        assert_eq!(seen.envelope_frames, n);
+        assert_eq!((seen.body_bytes, seen.envelope_bytes), (size, hops));
+        let wire: usize = frames[1..].iter().map(|f| wire_size(f.len())).sum();
+        assert_eq!(seen.wire_bytes, wire);
+        match seen.verdict {
             Err(ErrorCode::TooLarge) => assert!(too_many || size + hops > MAX),
             Err(ErrorCode::BadRequest) => assert!(!too_many && size == 0 && hops <= MAX),
             Ok(RequestKind::Health) => assert!(body == [HEALTH_REQUEST]),
             Ok(RequestKind::Work) => assert!(!too_many && size > 0 && size + hops <= MAX),
-            Err(other) => panic!("classify never answers {other}"),
+            Err(other) => panic!("inspect never answers {other}"),
         }
         // An envelope that is not echoed is always one whose request is refused.
-        if !echoes_envelope(envelope, MAX) {
-            assert_eq!(classify(envelope, body, MAX), Err(ErrorCode::TooLarge));
+        if !seen.echo_envelope {
+            assert_eq!(seen.verdict, Err(ErrorCode::TooLarge));
         }
     }
     // Arbitrary frames never make the decoder panic.

@@ -141,7 +141,7 @@ pub fn envelope_len(frames: &[impl Deref<Target = [u8]>]) -> Option<usize> {
     })
 }
 
-/// What a request body asks for, once it passed the checks in [`classify`].
+/// What a request body asks for, once it passed the checks in [`inspect`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
     /// An application request for a worker's handler.
@@ -150,38 +150,72 @@ pub enum RequestKind {
     Health,
 }
 
-/// Checks a request, split at [`envelope_len`] into `envelope` (routing id first) and `body`,
-/// before any worker sees it. The envelope's bytes, but for the routing id (the broker's own
-/// or the client's socket identity), count toward `max_bytes` with the body's.
-pub fn classify<F: Deref<Target = [u8]>>(
-    envelope: &[F],
-    body: &[F],
-    max_bytes: usize,
-) -> Result<RequestKind, ErrorCode> {
-    if envelope.len() > MAX_ENVELOPE_FRAMES || envelope.len() + body.len() > MAX_FRAMES {
-        return Err(ErrorCode::TooLarge);
-    }
-    let body_size: usize = body.iter().map(|frame| frame.len()).sum();
-    let envelope_size: usize = envelope.iter().skip(1).map(|frame| frame.len()).sum();
-    if body_size.saturating_add(envelope_size) > max_bytes {
-        return Err(ErrorCode::TooLarge);
-    }
-    // No frames, or only empty ones: nothing to work on.
-    if body_size == 0 {
-        return Err(ErrorCode::BadRequest);
-    }
-    if body.len() == 1 && body[0].deref() == HEALTH_REQUEST {
-        return Ok(RequestKind::Health);
-    }
-    Ok(RequestKind::Work)
+/// What the broker learns of a message read from its ROUTER (routing id first), in one pass
+/// over its frames: where the envelope ends, whether the reply may carry it back, the sizes
+/// that admission and byte accounting need, and the verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inspection {
+    /// Leading frames that are envelope, the routing id included ([`envelope_len`]).
+    pub envelope_frames: usize,
+    /// Whether the reply carries the envelope back whole. An envelope over its bounds (more
+    /// than [`MAX_ENVELOPE_FRAMES`] frames, or more than the byte limit besides the routing id)
+    /// is not echoed: the `ERR too_large` reply goes to the routing id alone.
+    pub echo_envelope: bool,
+    /// Bytes of the body frames.
+    pub body_bytes: usize,
+    /// Bytes of the envelope frames but the routing id.
+    pub envelope_bytes: usize,
+    /// Wire bytes of every frame but the routing id ([`wire_size`]): what the client sent.
+    pub wire_bytes: usize,
+    /// The request's verdict: the envelope's and body's bytes (the routing id excepted) count
+    /// toward the byte limit; an empty body is a bad request; a body of exactly
+    /// [`HEALTH_REQUEST`] is a health check.
+    pub verdict: Result<RequestKind, ErrorCode>,
 }
 
-/// True when a reply carries `envelope` (routing id first) back whole. An envelope over its
-/// bounds (more than [`MAX_ENVELOPE_FRAMES`] frames, or more than `max_bytes` besides the
-/// routing id) is not echoed: the `ERR too_large` reply goes to the routing id alone.
-pub fn echoes_envelope<F: Deref<Target = [u8]>>(envelope: &[F], max_bytes: usize) -> bool {
-    envelope.len() <= MAX_ENVELOPE_FRAMES
-        && envelope.iter().skip(1).map(|f| f.len()).sum::<usize>() <= max_bytes
+/// Inspects `frames` as read from a ROUTER socket, with `max_bytes` the request byte limit.
+/// `None` for a message with no frames at all.
+pub fn inspect<F: Deref<Target = [u8]>>(frames: &[F], max_bytes: usize) -> Option<Inspection> {
+    let (_, rest) = frames.split_first()?;
+    let (mut delimiter, mut before, mut after, mut wire) = (None, 0usize, 0usize, 0usize);
+    for (i, frame) in rest.iter().enumerate() {
+        let len = frame.len();
+        wire += wire_size(len);
+        if delimiter.is_some() {
+            after += len;
+        } else if len == 0 {
+            delimiter = Some(i);
+        } else {
+            before += len;
+        }
+    }
+    // Without a delimiter the envelope is the routing id alone and every frame is body.
+    let (envelope_frames, envelope_bytes, body_bytes) = match delimiter {
+        Some(i) => (i + 2, before, after),
+        None => (1, 0, before),
+    };
+    let echo_envelope = envelope_frames <= MAX_ENVELOPE_FRAMES && envelope_bytes <= max_bytes;
+    let verdict = if !echo_envelope
+        || frames.len() > MAX_FRAMES
+        || body_bytes.saturating_add(envelope_bytes) > max_bytes
+    {
+        Err(ErrorCode::TooLarge)
+    } else if body_bytes == 0 {
+        // No frames, or only empty ones: nothing to work on.
+        Err(ErrorCode::BadRequest)
+    } else if frames.len() == envelope_frames + 1 && &*frames[envelope_frames] == HEALTH_REQUEST {
+        Ok(RequestKind::Health)
+    } else {
+        Ok(RequestKind::Work)
+    };
+    Some(Inspection {
+        envelope_frames,
+        echo_envelope,
+        body_bytes,
+        envelope_bytes,
+        wire_bytes: wire,
+        verdict,
+    })
 }
 
 /// The bytes a frame of `len` bytes took on the wire (ZMTP 3: a flags byte and a 1- or 8-byte
@@ -278,38 +312,98 @@ mod tests {
     }
 
     #[test]
-    fn classify_bounds_envelope_and_body() {
-        let c = |envelope: &[&[u8]], body: &[&[u8]], max| classify(envelope, body, max);
-        assert_eq!(c(&[b"id"], &[], 10), Err(ErrorCode::BadRequest));
-        assert_eq!(c(&[b"id"], &[b"", b""], 10), Err(ErrorCode::BadRequest));
+    fn inspect_bounds_envelope_and_body() {
+        let verdict = |frames: &[&[u8]], max| inspect(frames, max).map(|i| i.verdict);
+        assert_eq!(verdict(&[], 10), None);
+        assert_eq!(verdict(&[b"id"], 10), Some(Err(ErrorCode::BadRequest)));
         assert_eq!(
-            c(&[b"id"], &[b"123456", b"78901"], 10),
-            Err(ErrorCode::TooLarge)
+            verdict(&[b"id", b"", b"", b""], 10),
+            Some(Err(ErrorCode::BadRequest))
         );
-        assert_eq!(c(&[b"id"], &[b"1234567890"], 10), Ok(RequestKind::Work));
+        assert_eq!(
+            verdict(&[b"id", b"123456", b"78901"], 10),
+            Some(Err(ErrorCode::TooLarge))
+        );
+        assert_eq!(
+            verdict(&[b"id", b"1234567890"], 10),
+            Some(Ok(RequestKind::Work))
+        );
         // The routing id is not counted; the rest of the envelope is.
+        let hop = inspect(
+            &[&b"routing-id-of-any-length"[..], b"12345", b"", b"12345"],
+            10,
+        )
+        .expect("frames");
         assert_eq!(
-            c(
-                &[b"routing-id-of-any-length", b"12345", b""],
-                &[b"12345"],
-                10
-            ),
-            Ok(RequestKind::Work)
+            hop,
+            Inspection {
+                envelope_frames: 3,
+                echo_envelope: true,
+                body_bytes: 5,
+                envelope_bytes: 5,
+                wire_bytes: 7 + 2 + 7,
+                verdict: Ok(RequestKind::Work),
+            }
         );
         assert_eq!(
-            c(&[b"id", b"123456", b""], &[b"12345"], 10),
-            Err(ErrorCode::TooLarge)
+            verdict(&[b"id", b"123456", b"", b"12345"], 10),
+            Some(Err(ErrorCode::TooLarge))
         );
-        assert_eq!(c(&[b"id"], &[HEALTH_REQUEST], 100), Ok(RequestKind::Health));
+        assert_eq!(
+            verdict(&[b"id", HEALTH_REQUEST], 100),
+            Some(Ok(RequestKind::Health))
+        );
+        assert_eq!(
+            verdict(&[b"id", b"", HEALTH_REQUEST], 100),
+            Some(Ok(RequestKind::Health))
+        );
         // The health frame is only special alone.
         assert_eq!(
-            c(&[b"id"], &[HEALTH_REQUEST, b"x"], 100),
-            Ok(RequestKind::Work)
+            verdict(&[b"id", HEALTH_REQUEST, b"x"], 100),
+            Some(Ok(RequestKind::Work))
         );
-        let hops = vec![&b"hop"[..]; MAX_ENVELOPE_FRAMES + 1];
-        assert_eq!(c(&hops, &[b"x"], 1000), Err(ErrorCode::TooLarge));
-        let frames = vec![&b"x"[..]; MAX_FRAMES];
-        assert_eq!(c(&[b"id"], &frames, 1000), Err(ErrorCode::TooLarge));
+        let mut hops = vec![&b"hop"[..]; MAX_ENVELOPE_FRAMES];
+        hops.extend([&b""[..], b"x"]);
+        let over = inspect(&hops, 1000).expect("frames");
+        assert_eq!(
+            (over.echo_envelope, over.verdict),
+            (false, Err(ErrorCode::TooLarge))
+        );
+        hops.remove(0);
+        let within = inspect(&hops, 1000).expect("frames");
+        assert_eq!(within.envelope_frames, MAX_ENVELOPE_FRAMES);
+        assert!(within.echo_envelope);
+        // An envelope over the byte limit is not echoed either.
+        let big = inspect(&[&b"id"[..], &[1u8; 11], b"", b"x"], 10).expect("frames");
+        assert_eq!(
+            (big.echo_envelope, big.verdict),
+            (false, Err(ErrorCode::TooLarge))
+        );
+        let mut frames = vec![&b"x"[..]; MAX_FRAMES];
+        assert_eq!(verdict(&frames, 1000), Some(Ok(RequestKind::Work)));
+        frames.push(b"x");
+        assert_eq!(verdict(&frames, 1000), Some(Err(ErrorCode::TooLarge)));
+    }
+
+    #[test]
+    fn inspect_agrees_with_the_envelope_rule() {
+        let cases: [&[&[u8]]; 5] = [
+            &[b"id"],
+            &[b"id", b"a", b"b"],
+            &[b"id", b""],
+            &[b"id", b"req-7", b"", b"body"],
+            &[b"id", b"client", b"", b"body", b"", b"x"],
+        ];
+        for frames in cases {
+            let seen = inspect(frames, 100).expect("frames");
+            assert_eq!(
+                Some(seen.envelope_frames),
+                envelope_len(frames),
+                "{frames:?}"
+            );
+            let wire: usize = frames[1..].iter().map(|f| wire_size(f.len())).sum();
+            assert_eq!(seen.wire_bytes, wire);
+        }
     }
 
     #[test]

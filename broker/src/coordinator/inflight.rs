@@ -1,172 +1,206 @@
-//! The in-flight table: a slab of the requests the coordinator has read and not yet answered,
-//! indexed by the [`Ticket`] that travels with each request to a worker and back. A slot's
-//! generation changes every time it is freed, so a late reply for a request that already timed
-//! out (and whose slot was reused) is recognised and dropped.
+//! The in-flight table: every request the coordinator has read and not yet answered, with
+//! everything that is counted about them together, so no count can drift from another: the
+//! requests held (against `--max-inflight`), their bytes (against `--max-inflight-bytes`),
+//! the time integral of requests held (`broker_inflight_seconds_total`) and the live
+//! `broker_inflight_requests` gauge.
 
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use prometheus::IntGauge;
+use shared::Metrics;
 use worker::Ticket;
+use zmq::Message;
 
-struct Slot<T> {
-    generation: u32,
-    value: Option<T>,
+use super::slab::Slab;
+
+/// Where a request came from: the connection it arrived on, for its reply's byte accounting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// libzmq's fd of the connection.
+    pub fd: RawFd,
+    /// The connection's serial number (fd numbers are reused).
+    pub conn: u64,
 }
 
-/// At most `capacity` values, each named by a ticket.
-pub struct Slab<T> {
-    slots: Vec<Slot<T>>,
-    free: Vec<u32>,
-    len: usize,
-    capacity: usize,
+/// One request read and not yet answered. Its body travels with it to a worker.
+#[derive(Debug)]
+pub struct Entry {
+    /// The frames the reply goes back with.
+    pub envelope: Vec<Message>,
+    /// Its connection, when known.
+    pub origin: Option<Origin>,
+    /// When it was read.
+    pub received: Instant,
+    /// What it counts against `--max-inflight-bytes`.
+    pub cost: usize,
 }
 
-impl<T> Slab<T> {
-    /// An empty slab that holds at most `capacity` values. Memory grows with use, not with
-    /// the capacity, so a large `--max-inflight` costs nothing until requests fill it.
-    pub fn new(capacity: usize) -> Slab<T> {
-        Slab {
-            slots: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-            capacity: capacity.min(u32::MAX as usize),
+/// The time integral of requests held since the table was made.
+#[derive(Debug)]
+struct Held {
+    seconds: f64,
+    since: Instant,
+}
+
+/// The requests held, and their counts.
+pub struct InFlight {
+    slab: Slab<Entry>,
+    bytes: usize,
+    max_bytes: usize,
+    held: Held,
+    gauge: IntGauge,
+}
+
+impl InFlight {
+    /// An empty table for at most `max` requests and `max_bytes` of cost; `gauge` is the live
+    /// count's gauge.
+    pub fn new(max: usize, max_bytes: usize, gauge: IntGauge, now: Instant) -> InFlight {
+        InFlight {
+            slab: Slab::new(max),
+            bytes: 0,
+            max_bytes,
+            held: Held {
+                seconds: 0.0,
+                since: now,
+            },
+            gauge,
         }
     }
 
-    /// Values held.
+    /// Requests held.
     pub fn len(&self) -> usize {
-        self.len
+        self.slab.len()
     }
 
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.slab.is_empty()
     }
 
-    /// True when another insert would fail.
+    /// True when another request would be over `--max-inflight`.
     pub fn is_full(&self) -> bool {
-        self.len >= self.capacity
+        self.slab.is_full()
     }
 
-    /// Stores `value`; when full, gives it back.
-    pub fn insert(&mut self, value: T) -> Result<Ticket, T> {
-        if self.is_full() {
-            return Err(value);
-        }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    value: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let s = &mut self.slots[slot as usize];
-        s.value = Some(value);
-        self.len += 1;
-        Ok(Ticket {
-            slot,
-            generation: s.generation,
-        })
+    /// Cost held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
-    /// The value `ticket` names, if it is still held.
-    pub fn get(&self, ticket: Ticket) -> Option<&T> {
-        let s = self.slots.get(ticket.slot as usize)?;
-        (s.generation == ticket.generation)
-            .then_some(s.value.as_ref())
-            .flatten()
+    /// True when a request costing `cost` fits under `--max-inflight-bytes`.
+    pub fn fits(&self, cost: usize) -> bool {
+        self.bytes.saturating_add(cost) <= self.max_bytes
     }
 
-    /// Takes the value `ticket` names; `None` for a stale or unknown ticket.
-    pub fn remove(&mut self, ticket: Ticket) -> Option<T> {
-        let s = self.slots.get_mut(ticket.slot as usize)?;
-        if s.generation != ticket.generation {
-            return None;
-        }
-        let value = s.value.take()?;
-        s.generation = s.generation.wrapping_add(1);
-        self.free.push(ticket.slot);
-        self.len -= 1;
-        Some(value)
+    /// Holds `entry` from `now` on; when full, gives it back. The caller has checked
+    /// [`InFlight::fits`]: the byte bound is admission's decision, the count a hard one.
+    pub fn insert(&mut self, entry: Entry, now: Instant) -> Result<Ticket, Entry> {
+        let cost = entry.cost;
+        self.integrate(now);
+        let ticket = self.slab.insert(entry)?;
+        self.bytes += cost;
+        self.gauge.set(self.slab.len() as i64);
+        Ok(ticket)
     }
 
-    /// Tickets of everything held (for the drain deadline).
-    pub fn tickets(&self) -> Vec<Ticket> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.value.is_some())
-            .map(|(slot, s)| Ticket {
-                slot: slot as u32,
-                generation: s.generation,
-            })
+    /// Releases the request `ticket` names at `now`; `None` for a stale or unknown ticket (its
+    /// request was already answered).
+    pub fn remove(&mut self, ticket: Ticket, now: Instant) -> Option<Entry> {
+        self.integrate(now);
+        let entry = self.slab.remove(ticket)?;
+        self.bytes -= entry.cost;
+        self.gauge.set(self.slab.len() as i64);
+        Some(entry)
+    }
+
+    /// Releases every request held (the drain deadline).
+    pub fn remove_all(&mut self, now: Instant) -> Vec<Entry> {
+        self.slab
+            .tickets()
+            .into_iter()
+            .filter_map(|ticket| self.remove(ticket, now))
             .collect()
+    }
+
+    /// The request-seconds held up to `now`.
+    pub fn held_seconds(&mut self, now: Instant) -> f64 {
+        self.integrate(now);
+        self.held.seconds
+    }
+
+    /// Publishes the integral and the byte gauge as of `now` (the count gauge is live).
+    pub fn publish(&mut self, metrics: &Metrics, now: Instant) {
+        self.integrate(now);
+        metrics.set_held(self.held.seconds, self.slab.len(), self.held.since);
+        metrics.set_inflight_bytes(self.bytes);
+    }
+
+    /// Adds what the requests held accrued since the last change.
+    fn integrate(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.held.since).as_secs_f64();
+        self.held.seconds += self.slab.len() as f64 * elapsed;
+        self.held.since = self.held.since.max(now);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn insert_remove_and_capacity() {
-        let mut slab = Slab::new(2);
-        let a = slab.insert("a").expect("room");
-        let b = slab.insert("b").expect("room");
-        assert!(slab.is_full());
-        assert_eq!(slab.insert("c"), Err("c"), "full");
-        assert_eq!(slab.get(a), Some(&"a"));
-        assert_eq!(slab.remove(a), Some("a"));
-        assert_eq!(slab.len(), 1);
-        let c = slab.insert("c").expect("room again");
-        assert_eq!(c.slot, a.slot, "the freed slot is reused");
-        assert_ne!(c.generation, a.generation);
-        let mut held = slab.tickets();
-        held.sort_by_key(|t| t.slot);
-        assert_eq!(held, [c, b]);
+    fn entry(cost: usize, now: Instant) -> Entry {
+        Entry {
+            envelope: vec![Message::from("id")],
+            origin: None,
+            received: now,
+            cost,
+        }
+    }
+
+    fn table(max: usize, max_bytes: usize, now: Instant) -> (InFlight, IntGauge) {
+        let gauge = IntGauge::new("test_inflight", "test").expect("gauge");
+        (InFlight::new(max, max_bytes, gauge.clone(), now), gauge)
     }
 
     #[test]
-    fn stale_and_unknown_tickets_find_nothing() {
-        let mut slab = Slab::new(4);
-        let a = slab.insert(1).expect("room");
-        assert_eq!(slab.remove(a), Some(1));
-        assert_eq!(slab.remove(a), None, "removed twice");
-        let b = slab.insert(2).expect("room");
-        assert_eq!(b.slot, a.slot);
-        // The old ticket names the reused slot's previous generation.
-        assert_eq!(slab.get(a), None);
-        assert_eq!(slab.remove(a), None);
-        assert_eq!(slab.get(b), Some(&2));
-        let unknown = Ticket {
-            slot: 99,
-            generation: 0,
-        };
-        assert_eq!(slab.remove(unknown), None);
+    fn counts_bytes_and_the_gauge_move_together() {
+        let t0 = Instant::now();
+        let (mut t, gauge) = table(2, 100, t0);
+        assert!(t.fits(100) && !t.fits(101));
+        let a = t.insert(entry(60, t0), t0).expect("room");
+        assert_eq!((t.len(), t.bytes(), gauge.get()), (1, 60, 1));
+        assert!(
+            t.fits(40) && !t.fits(41),
+            "the byte bound counts what is held"
+        );
+        let b = t.insert(entry(40, t0), t0).expect("room");
+        assert!(t.is_full());
+        let refused = t.insert(entry(0, t0), t0).expect_err("over --max-inflight");
+        assert_eq!(refused.cost, 0);
+        assert_eq!((t.len(), t.bytes(), gauge.get()), (2, 100, 2));
+        assert_eq!(t.remove(a, t0).map(|e| e.cost), Some(60));
+        assert!(t.remove(a, t0).is_none(), "a stale ticket releases nothing");
+        assert_eq!((t.len(), t.bytes(), gauge.get()), (1, 40, 1));
+        assert_eq!(t.remove(b, t0).map(|e| e.cost), Some(40));
+        assert!(t.is_empty());
+        assert_eq!((t.bytes(), gauge.get()), (0, 0));
     }
 
     #[test]
-    fn generations_wrap_without_confusing_tickets() {
-        let mut slab = Slab::new(1);
-        slab.insert(0u8).expect("room");
-        slab.slots[0].generation = u32::MAX;
-        // Re-key the held value at the last generation, then cycle past the wrap.
-        slab.slots[0].value = None;
-        slab.len = 0;
-        slab.free.push(0);
-        let last = slab.insert(1).expect("room");
-        assert_eq!(last.generation, u32::MAX);
-        assert_eq!(slab.remove(last), Some(1));
-        let wrapped = slab.insert(2).expect("room");
-        assert_eq!(wrapped.generation, 0);
-        assert_eq!(slab.remove(last), None, "the pre-wrap ticket is stale");
-        assert_eq!(slab.remove(wrapped), Some(2));
-    }
-
-    #[test]
-    fn a_huge_capacity_allocates_nothing_up_front() {
-        let slab: Slab<u64> = Slab::new(usize::MAX);
-        assert_eq!(slab.slots.capacity(), 0);
-        assert!(!slab.is_full());
+    fn held_seconds_integrate_the_count_over_time() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let (mut t, _) = table(10, 1000, t0);
+        // Two held for 2 s, then one for 3 s: 7 request-seconds.
+        let a = t.insert(entry(1, t0), t0).expect("room");
+        t.insert(entry(1, t0), t0).expect("room");
+        t.remove(a, t0 + s(2));
+        assert!((t.held_seconds(t0 + s(5)) - 7.0).abs() < 1e-9);
+        // A clock reading from before the last change adds nothing, and takes nothing away.
+        assert!((t.held_seconds(t0 + s(4)) - 7.0).abs() < 1e-9);
+        let all = t.remove_all(t0 + s(6));
+        assert_eq!(all.len(), 1);
+        assert!((t.held_seconds(t0 + s(100)) - 8.0).abs() < 1e-9);
     }
 }
