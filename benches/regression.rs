@@ -136,6 +136,8 @@ fn regression(c: &mut Criterion) {
             rate: None,
             threads: 1,
             timeout: Duration::from_secs(5),
+            // As `broker bench` runs by default: the broker strips it.
+            deadline_header: true,
             verify: true,
             raw: false,
             first_frame: None,

@@ -1,9 +1,10 @@
 //! `broker probe` against real peers: exit 0 only when the real broker answers that it is
-//! serving; a broker that is stopping or draining, a ZeroMQ echo service and a peer that does not
+//! serving (the probe's deadline header included: the broker strips it); a broker that is stopping or draining, a ZeroMQ echo service and a peer that does not
 //! speak ZMTP (the broker's own admin port, Python's HTTP server, an SSH banner) each exit 1
 //! with one line that names what answered.
 
 mod common;
+mod peers;
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use broker::State;
 use common::{eventually, free_port, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
+use peers::ZmqService;
 use tools::probe::HEALTH_STATES;
 
 /// Runs `broker probe --endpoint ENDPOINT --timeout 2s`: exit code, stdout + stderr, duration.
@@ -84,62 +86,21 @@ fn only_a_serving_broker_passes_and_a_stopping_or_draining_one_is_named() {
     assert!(text.contains(&draining.front), "{text}");
 }
 
-/// A ZeroMQ ROUTER on a free port answering every message with `reply(body)` (the envelope
-/// kept), until the returned guard is dropped.
-struct ZmqService {
-    endpoint: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl ZmqService {
-    fn start(reply: fn(&[Vec<u8>]) -> Vec<Vec<u8>>) -> ZmqService {
-        let ctx = zmq::Context::new();
-        let socket = ctx.socket(zmq::ROUTER).expect("router");
-        socket.set_linger(1000).expect("linger");
-        let endpoint = format!("tcp://127.0.0.1:{}", free_port());
-        socket.bind(&endpoint).expect("bind");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                if socket.poll(zmq::POLLIN, 50).expect("poll") == 0 {
-                    continue;
-                }
-                let mut frames = socket.recv_multipart(0).expect("recv");
-                // [routing id, "", body...] from a REQ.
-                let body = frames.split_off(2);
-                frames.extend(reply(&body));
-                socket.send_multipart(frames, 0).expect("reply");
-            }
-        });
-        ZmqService {
-            endpoint,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for ZmqService {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 #[test]
 fn a_zeromq_service_that_is_not_a_broker_is_named_as_such() {
-    // An echo service: the health request comes back as it went.
+    // An echo service: the health request comes back as it went, with the probe's deadline
+    // header (its --timeout) in front.
     let echo = ZmqService::start(|body| body.to_vec());
-    let text = fails_naming(&echo.endpoint, "is not a broker: it answered");
-    assert!(text.contains(r#""\x00broker.health""#), "{text}");
+    fails_naming(
+        &echo.endpoint,
+        r#"is not a broker: it answered "\x00broker.timeout-ms=2000" "\x00broker.health""#,
+    );
     // One that puts OK in front, as a broker's echo handler would answer an ordinary request.
     let ok_echo = ZmqService::start(|body| [vec![b"OK".to_vec()], body.to_vec()].concat());
-    let text = fails_naming(&ok_echo.endpoint, "is not a broker: it answered");
-    assert!(text.contains(r#""OK" "\x00broker.health""#), "{text}");
+    fails_naming(
+        &ok_echo.endpoint,
+        r#"is not a broker: it answered "OK" "\x00broker.timeout-ms=2000" "\x00broker.health""#,
+    );
     // OK with a state no broker has, and an ERR.
     let odd = ZmqService::start(|_| vec![b"OK".to_vec(), b"fine".to_vec()]);
     fails_naming(&odd.endpoint, r#"is not a broker: it answered "OK" "fine""#);

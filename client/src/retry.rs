@@ -6,6 +6,11 @@
 //!   discarded, never taken for the current request;
 //! - every attempt has a timeout; on timeout the socket is closed and reopened (the old
 //!   connection may be to a dead pod);
+//! - every attempt carries its deadline, the header frame `\0broker.timeout-ms=N` right after
+//!   the envelope, N what is left of that attempt's timeout when it is sent: the broker never
+//!   starts work whose client has stopped waiting, and the handler knows how long it has. It
+//!   is the attempt's timeout, not the call's, because a reply after it is discarded (the next
+//!   attempt has a new id); the call has no deadline of its own;
 //! - `ERR draining` and `ERR overloaded` are retried after a backoff, on a fresh connection so
 //!   a load balancer can pick another instance; other `ERR` replies are final;
 //! - the socket connects to every address of every endpoint and re-resolves names on a timer
@@ -14,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use shared::protocol::{parse_reply, Reply};
+use shared::protocol::{parse_reply, timeout_header, Reply};
 use shared::ErrorCode;
 
 use crate::resolve::{self, Dns, Resolve};
@@ -297,11 +302,13 @@ impl Client {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id.to_be_bytes();
         let socket = self.socket()?;
-        let mut frames: Vec<&[u8]> = Vec::with_capacity(body.len() + 2);
-        frames.extend([&id[..], b""]);
-        frames.extend_from_slice(body);
         // With ZMQ_IMMEDIATE and no connected peer the send would block: wait for one.
         loop {
+            // The budget is what is left when the request leaves, not when it was first tried.
+            let header = timeout_header(deadline.saturating_duration_since(Instant::now()));
+            let mut frames: Vec<&[u8]> = Vec::with_capacity(body.len() + 3);
+            frames.extend([&id[..], b"", &header[..]]);
+            frames.extend_from_slice(body);
             match socket.send_multipart(&frames, zmq::DONTWAIT) {
                 Ok(()) => break,
                 Err(zmq::Error::EAGAIN) if Instant::now() < deadline => {
@@ -365,8 +372,12 @@ mod tests {
         let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
         let server = std::thread::spawn(move || {
             let request = peer.recv_multipart(0).expect("request");
-            assert_eq!(request.len(), 4, "[routing id, request id, \"\", body]");
-            let (routing, id, body) = (&request[0], &request[1], &request[3]);
+            assert_eq!(
+                request.len(),
+                5,
+                "[routing id, request id, \"\", deadline header, body]"
+            );
+            let (routing, id, body) = (&request[0], &request[1], &request[4]);
             let mut old = id.clone();
             old[7] ^= 1;
             for reply_id in [&old, id] {
@@ -389,5 +400,49 @@ mod tests {
         );
         drop(server.join().expect("peer"));
         assert_eq!((client.stats().stale, client.stats().ok), (1, 1));
+    }
+
+    /// A peer that lets the first attempt time out and answers the second: each attempt carries
+    /// a deadline header after its envelope, of at most the attempt's timeout, and the body
+    /// follows it unchanged.
+    #[test]
+    fn every_attempt_carries_what_is_left_of_its_timeout() {
+        let ctx = zmq::Context::new();
+        let peer = ctx.socket(zmq::ROUTER).expect("router");
+        peer.bind("tcp://127.0.0.1:0").expect("bind");
+        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        let timeout = Duration::from_millis(300);
+        let server = std::thread::spawn(move || {
+            let mut budgets = Vec::new();
+            for attempt in 0..2 {
+                let request = peer.recv_multipart(0).expect("request");
+                let [routing, id, delimiter, header, body] = &request[..] else {
+                    panic!("attempt {attempt}: {request:?}");
+                };
+                assert!(delimiter.is_empty() && body == b"job", "{request:?}");
+                let budget = shared::protocol::parse_timeout_header(header)
+                    .unwrap_or_else(|| panic!("not a deadline header: {header:?}"))
+                    .expect("well formed");
+                budgets.push(budget);
+                if attempt == 1 {
+                    let frames: [&[u8]; 5] = [routing, id, b"", b"OK", body];
+                    peer.send_multipart(frames, 0).expect("reply");
+                }
+            }
+            (peer, budgets)
+        });
+        let policy = RetryPolicy {
+            timeout,
+            retries: 1,
+            ..RetryPolicy::default()
+        };
+        let mut client = Client::new(&[endpoint], policy).expect("client");
+        assert_eq!(client.request(&[b"job"]).expect("reply"), [b"job".to_vec()]);
+        let (_peer, budgets) = server.join().expect("peer");
+        assert_eq!(budgets.len(), 2);
+        for budget in budgets {
+            assert!(budget <= timeout, "{budget:?} is more than the attempt has");
+        }
+        assert_eq!((client.stats().timeouts, client.stats().ok), (1, 1));
     }
 }

@@ -3,9 +3,13 @@
 //! every `--endpoint` (a DNS name that resolves to several pods connects to each, which is how
 //! a client reaches every pod behind a headless Service).
 //!
-//! Exit codes: 0 when every request was answered and at least one OK; 1 when the run failed
-//! (nothing could be sent, no replies, only errors, or any reply lost or wrong); 2 for flags
-//! that cannot work.
+//! Every request carries `--timeout` as its deadline (the header `\0broker.timeout-ms=N`, what
+//! is left of it when sent), and an OK after it is counted late; `--no-deadline-header` leaves
+//! the header out. An echo that returns the header (a server that does not know it) verifies.
+//!
+//! Exit codes: 0 when every request was answered and at least one OK came in time; 1 when the
+//! run failed (nothing could be sent, no replies, only errors or late replies, or any reply
+//! lost or wrong); 2 for flags that cannot work.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,9 +50,15 @@ pub struct BenchArgs {
     /// Threads driving the clients.
     #[arg(long, default_value_t = 1, value_parser = count::<1, 256>)]
     pub threads: usize,
-    /// How long to wait for outstanding replies at the end before counting them lost.
+    /// Each request's budget: sent in its deadline header (what is left of it when sent), and
+    /// an OK after it counts as late. Also how long to wait for outstanding replies at the end
+    /// before counting them lost.
     #[arg(long, value_parser = parse_wait, default_value = "5s")]
     pub timeout: Duration,
+    /// Send no deadline header (for a server that would take it for body: a handler behind an
+    /// older broker, a bare server that is not an echo).
+    #[arg(long)]
+    pub no_deadline_header: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -104,6 +114,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         rate: args.rate,
         threads: args.threads,
         timeout: args.timeout,
+        deadline_header: !args.no_deadline_header,
         verify: !args.no_verify,
         raw: args.raw,
         first_frame: args.first_frame.as_ref().map(|f| f.as_bytes().to_vec()),

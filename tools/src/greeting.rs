@@ -3,7 +3,7 @@
 //! same event comes from a broker that refused a CURVE key and from an HTTP server on the
 //! port; the first bytes tell them apart. Every ZMTP peer starts with the signature's 0xFF
 //! unprompted (RFC 23: both sides send their greeting at once); an SSH server sends its banner
-//! unprompted too, and an HTTP server answers the line [`PROVOKE`] sends.
+//! unprompted too, and an HTTP server answers the line sent to a peer that stays silent.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};

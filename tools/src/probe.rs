@@ -1,6 +1,6 @@
 //! `broker probe`: an exec-probe client for images without a shell. It sends the reserved
 //! health request through the front socket (answered by the coordinator itself, ahead of any
-//! queued work) or GETs an admin URL. Exit 0 only when a broker answers that it is serving (or
+//! queued work), with `--timeout` as its deadline header, or GETs an admin URL. Exit 0 only when a broker answers that it is serving (or
 //! the URL answers 2xx); else 1 with a one-line reason on stderr: the state a broker is in
 //! when it is not serving, what a peer that is not a broker answered, or what the connection
 //! did meanwhile (including a peer that does not speak ZMTP at all, see [`crate::greeting`]).
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use client::Security;
-use shared::protocol::{HEALTH_REQUEST, STATUS_OK};
+use shared::protocol::{timeout_header, HEALTH_REQUEST, STATUS_OK};
 
 use crate::curve::CurveArgs;
 use crate::greeting::{first_line, Greeting};
@@ -173,8 +173,10 @@ pub fn probe_zmq(
         .map_err(|e| ProbeError::Zmq("connect", e))?;
     let started = Instant::now();
     let deadline = started + timeout;
+    // The probe's deadline travels with it, as every client's does (docs/protocol.md).
     socket
-        .send(HEALTH_REQUEST, zmq::DONTWAIT)
+        .send(timeout_header(timeout), zmq::DONTWAIT | zmq::SNDMORE)
+        .and_then(|()| socket.send(HEALTH_REQUEST, zmq::DONTWAIT))
         .map_err(|e| ProbeError::Zmq("send", e))?;
     // A connection whose handshake is still unfinished by then is looked at raw, once.
     let suspicious_at = started + timeout / 2;

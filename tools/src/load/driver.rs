@@ -1,10 +1,11 @@
 //! One driver thread of a load run: its share of the client sockets, their windows or
 //! schedules, and the check of every reply against the request it answers.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use nix::time::{clock_gettime, ClockId};
-use shared::protocol::{ErrorCode, STATUS_ERR, STATUS_OK};
+use shared::protocol::{parse_timeout_header, timeout_header, ErrorCode, STATUS_ERR, STATUS_OK};
 
 use super::{Error, Report};
 
@@ -35,7 +36,10 @@ pub(super) struct Driver {
     /// Open loop: the time between two sends of one client.
     pub interval: Option<Duration>,
     pub window: usize,
+    /// Each request's budget: what its deadline header says, and when its reply is late.
     pub timeout: Duration,
+    /// Send the deadline header after each envelope.
+    pub deadline_header: bool,
     pub verify: bool,
     pub raw: bool,
     pub first_frame: Option<Vec<u8>>,
@@ -45,8 +49,10 @@ pub(super) struct Driver {
 
 /// How a reply checked out.
 enum Checked {
+    /// An OK that matched its request, sent (or due) at this time.
     Ok(Instant),
-    Err(&'static str),
+    /// An ERR with this code.
+    Err(Cow<'static, str>),
     Mismatch,
 }
 
@@ -143,14 +149,22 @@ impl Driver {
                         Some(checked) => {
                             outstanding -= 1;
                             match checked {
+                                // The client stopped waiting at its timeout: work done for
+                                // nobody, not a success.
+                                Checked::Ok(intended) if done > intended + self.timeout => {
+                                    report.late += 1;
+                                }
                                 Checked::Ok(intended) => {
                                     report.ok += 1;
                                     let us = done.saturating_duration_since(intended).as_micros();
                                     let _ = report.latency.record((us as u64).max(1));
                                 }
-                                Checked::Err(code) => {
-                                    *report.errors.entry(code.to_owned()).or_default() += 1;
-                                }
+                                Checked::Err(code) => match report.errors.get_mut(&*code) {
+                                    Some(n) => *n += 1,
+                                    None => {
+                                        report.errors.insert(code.into_owned(), 1);
+                                    }
+                                },
                                 Checked::Mismatch => report.mismatched += 1,
                             }
                         }
@@ -192,6 +206,17 @@ impl Driver {
                 let sent = socket
                     .send(&id[..], more)
                     .and_then(|()| socket.send("", more))
+                    .and_then(|()| match self.deadline_header {
+                        // What is left of the budget when it leaves: an open-loop request
+                        // sent behind its schedule has less than the whole timeout.
+                        true => socket.send(
+                            timeout_header(
+                                (intended + self.timeout).saturating_duration_since(Instant::now()),
+                            ),
+                            more,
+                        ),
+                        false => Ok(()),
+                    })
                     .and_then(|()| match &self.first_frame {
                         Some(first) => socket.send(&first[..], more),
                         None => Ok(()),
@@ -238,16 +263,19 @@ impl Driver {
         } else {
             match frames.get(2).map(|f| &f[..]) {
                 Some(STATUS_OK) => &frames[3..],
-                Some(STATUS_ERR) => {
-                    return Some(Checked::Err(
-                        frames
-                            .get(3)
-                            .and_then(|c| ErrorCode::from_bytes(c))
-                            .map_or("malformed", ErrorCode::as_str),
-                    ))
-                }
+                Some(STATUS_ERR) => return Some(Checked::Err(error_code(frames.get(3)))),
                 _ => return Some(Checked::Mismatch),
             }
+        };
+        // A server that does not know the deadline header (a bare echo) returns it: it is
+        // what was sent, not a mismatch.
+        let body = match body.split_first() {
+            Some((first, rest))
+                if self.deadline_header && matches!(parse_timeout_header(first), Some(Ok(_))) =>
+            {
+                rest
+            }
+            _ => body,
         };
         if self.verify {
             let echo = match (body, &self.first_frame) {
@@ -263,6 +291,25 @@ impl Driver {
     }
 }
 
+/// The code frame of an `ERR` reply as the report counts it: a known code, an unknown one kept
+/// as it came when it looks like a code (a newer server's, say), or `malformed`.
+fn error_code(frame: Option<&zmq::Message>) -> Cow<'static, str> {
+    let Some(code) = frame else {
+        return Cow::Borrowed("malformed");
+    };
+    if let Some(known) = ErrorCode::from_bytes(code) {
+        return Cow::Borrowed(known.as_str());
+    }
+    let looks_like_a_code = (1..=32).contains(&code.len())
+        && code
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
+    match looks_like_a_code {
+        true => Cow::Owned(String::from_utf8_lossy(code).into_owned()),
+        false => Cow::Borrowed("malformed"),
+    }
+}
+
 /// True when `echo` is the template with `id` in its first 8 bytes (the template has moved
 /// on to later ids since this request was sent).
 fn same_but_id(echo: &[u8], template: &[u8], id: &[u8; 8]) -> bool {
@@ -273,4 +320,20 @@ fn same_but_id(echo: &[u8], template: &[u8], id: &[u8; 8]) -> bool {
 fn thread_cpu() -> f64 {
     clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
         .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_kept_known_or_new_and_garbage_is_malformed() {
+        let code = |bytes: &[u8]| error_code(Some(&zmq::Message::from(bytes))).into_owned();
+        assert_eq!(code(b"overloaded"), "overloaded");
+        assert_eq!(code(b"deadline_exceeded"), "deadline_exceeded");
+        assert_eq!(code(b"Overloaded!"), "malformed");
+        assert_eq!(code(b""), "malformed");
+        assert_eq!(code(&[b'a'; 33]), "malformed");
+        assert_eq!(error_code(None), "malformed");
+    }
 }

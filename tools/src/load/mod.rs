@@ -7,6 +7,10 @@
 //! stall is not hidden by coordinated omission. The sending phase ends at `duration` (or once
 //! `requests` were sent, if sooner) and the run ends at most `timeout` later, whatever the
 //! server does: an unreachable or dead server costs the run its duration plus its timeout.
+//!
+//! `timeout` is also each request's budget, as a client with a deadline has one: the request
+//! carries what is left of it in its deadline header (`\0broker.timeout-ms=N`, unless
+//! `deadline_header` is off), and an `OK` that comes after it is counted late, not OK.
 
 mod driver;
 mod report;
@@ -40,8 +44,13 @@ pub struct Plan {
     pub rate: Option<f64>,
     /// Driver threads.
     pub threads: usize,
-    /// How long to wait for outstanding replies once sending stops.
+    /// Each request's budget, from its intended send time: sent in its deadline header, and
+    /// the time after which its reply counts as late. Also how long to wait for outstanding
+    /// replies once sending stops.
     pub timeout: Duration,
+    /// Send the budget in a deadline header after each envelope. An echo that returns the
+    /// header is still a correct echo; leave it out for a server that would take it for body.
+    pub deadline_header: bool,
     /// Check that each reply echoes its request.
     pub verify: bool,
     /// The server replies without a status frame (a bare echo, e.g. a REP socket).
@@ -105,6 +114,7 @@ pub fn run(plan: &Plan) -> Result<Report, Error> {
                 .map(|r| Duration::from_secs_f64(plan.clients as f64 / r)),
             window: plan.window,
             timeout: plan.timeout,
+            deadline_header: plan.deadline_header,
             verify: plan.verify,
             raw: plan.raw,
             first_frame: plan.first_frame.clone(),

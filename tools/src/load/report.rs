@@ -12,8 +12,11 @@ use hdrhistogram::Histogram;
 pub struct Report {
     /// Requests sent.
     pub sent: u64,
-    /// `OK` replies that matched their request.
+    /// `OK` replies that matched their request and came within its timeout.
     pub ok: u64,
+    /// `OK` replies that matched their request but came after its timeout: the client had
+    /// given up, so the work was done for nobody.
+    pub late: u64,
     /// `ERR` replies by code.
     pub errors: BTreeMap<String, u64>,
     /// Replies that did not match a request, or a request's body, or the protocol.
@@ -24,7 +27,7 @@ pub struct Report {
     pub elapsed: Duration,
     /// Wall time of the whole run, to the last reply (or the end of the drain).
     pub total: Duration,
-    /// Latency of OK replies, microseconds.
+    /// Latency of OK replies within their timeout, microseconds.
     pub latency: Histogram<u64>,
     /// The busiest driver thread's CPU time over its wall time.
     pub driver_cpu: f64,
@@ -41,6 +44,7 @@ impl Report {
         Report {
             sent: 0,
             ok: 0,
+            late: 0,
             errors: BTreeMap::new(),
             mismatched: 0,
             lost: 0,
@@ -52,14 +56,14 @@ impl Report {
         }
     }
 
-    /// OK replies per second.
+    /// OK replies (within their timeout) per second.
     pub fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    /// Replies of any kind.
+    /// Replies of any kind, late ones included.
     pub fn answered(&self) -> u64 {
-        self.ok + self.errors.values().sum::<u64>()
+        self.ok + self.late + self.errors.values().sum::<u64>()
     }
 
     /// True when the load client itself ran out of CPU: its figures are a floor.
@@ -67,7 +71,7 @@ impl Report {
         self.driver_cpu >= SATURATED || self.process_cpu >= SATURATED
     }
 
-    /// Why the run failed, if it did: nothing answered, only errors, or a reply lost or wrong.
+    /// Why the run failed, if it did: nothing answered, no OK in time, or a reply lost or wrong.
     pub fn failure(&self) -> Option<String> {
         if self.sent == 0 {
             return Some("no request could be sent (nothing connected)".into());
@@ -81,6 +85,13 @@ impl Report {
         if self.answered() == 0 {
             return Some("no replies".into());
         }
+        if self.ok == 0 && self.late > 0 {
+            return Some(format!(
+                "no OK reply within --timeout ({} late, {} errors)",
+                self.late,
+                self.answered() - self.late
+            ));
+        }
         if self.ok == 0 {
             return Some("every reply was an error".into());
         }
@@ -93,6 +104,7 @@ impl Report {
         serde_json::json!({
             "sent": self.sent,
             "ok": self.ok,
+            "late": self.late,
             "errors": self.errors,
             "mismatched": self.mismatched,
             "lost": self.lost,
@@ -112,12 +124,13 @@ impl Report {
     pub fn to_text(&self) -> String {
         let q = |p: f64| self.latency.value_at_quantile(p) as f64 / 1000.0;
         let mut out = format!(
-            "requests {} ok {} mismatched {} lost {} in {:.2}s\n\
+            "requests {} ok {} late {} mismatched {} lost {} in {:.2}s\n\
              throughput {:.0} req/s\n\
              latency ms p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3}\n\
              client cpu: busiest driver thread {:.0}%, process {:.0}% of its CPUs\n",
             self.sent,
             self.ok,
+            self.late,
             self.mismatched,
             self.lost,
             self.elapsed.as_secs_f64(),
@@ -145,6 +158,7 @@ impl Report {
     pub(crate) fn merge(&mut self, part: Report) {
         self.sent += part.sent;
         self.ok += part.ok;
+        self.late += part.late;
         self.mismatched += part.mismatched;
         self.lost += part.lost;
         self.elapsed = self.elapsed.max(part.elapsed);
