@@ -362,14 +362,19 @@ fn jitter(base: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    /// A ROUTER on a free loopback port standing in for the broker, and its endpoint.
+    fn peer() -> (zmq::Socket, String) {
+        let peer = zmq::Context::new().socket(zmq::ROUTER).expect("router");
+        peer.bind("tcp://127.0.0.1:0").expect("bind");
+        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        (peer, endpoint)
+    }
+
     /// A peer that answers with someone else's id first (a late reply to an earlier attempt,
     /// as a proxy that kept the connection could deliver it), then with the right one.
     #[test]
     fn a_reply_with_another_id_is_discarded_and_counted() {
-        let ctx = zmq::Context::new();
-        let peer = ctx.socket(zmq::ROUTER).expect("router");
-        peer.bind("tcp://127.0.0.1:0").expect("bind");
-        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        let (peer, endpoint) = peer();
         let server = std::thread::spawn(move || {
             let request = peer.recv_multipart(0).expect("request");
             assert_eq!(
@@ -407,10 +412,7 @@ mod tests {
     /// follows it unchanged.
     #[test]
     fn every_attempt_carries_what_is_left_of_its_timeout() {
-        let ctx = zmq::Context::new();
-        let peer = ctx.socket(zmq::ROUTER).expect("router");
-        peer.bind("tcp://127.0.0.1:0").expect("bind");
-        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        let (peer, endpoint) = peer();
         let timeout = Duration::from_millis(300);
         let server = std::thread::spawn(move || {
             let mut budgets = Vec::new();

@@ -90,12 +90,9 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 /// Runs the bench and prints its report; returns the exit code.
 pub fn run(args: &BenchArgs) -> ExitCode {
-    let security = match args.curve.security() {
+    let security = match args.curve.security_or_usage_error() {
         Ok(security) => security,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let endpoints = match client::resolve::resolve(&args.endpoints) {
         Ok(endpoints) => endpoints,

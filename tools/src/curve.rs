@@ -1,6 +1,8 @@
 //! The CURVE flags `broker probe` and `broker bench` share, turned into the client library's
 //! [`Security`].
 
+use std::process::ExitCode;
+
 use clap::Args;
 use client::Security;
 use shared::curve::{decode_key, read_key_file, read_key_pair, KeyError};
@@ -36,6 +38,16 @@ pub struct CurveArgs {
 }
 
 impl CurveArgs {
+    /// The security these flags ask for, or exit code 2 after one line on stderr: settings
+    /// that cannot work are a usage error, never a failed run (a kubelet restarting the pod
+    /// would not fix them).
+    pub fn security_or_usage_error(&self) -> Result<Security, ExitCode> {
+        self.security().map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        })
+    }
+
     /// The security these flags ask for.
     pub fn security(&self) -> Result<Security, CurveArgsError> {
         let server = match (&self.curve_server_key, &self.curve_server_key_file) {

@@ -98,14 +98,9 @@ pub enum ProbeError {
 
 /// Runs the probe and maps the result to the exit code.
 pub fn run(args: &ProbeArgs) -> ExitCode {
-    // Settings that cannot work are a usage error (2), never a failed probe (1): a kubelet
-    // restarting the pod would not fix them.
-    let security = match args.curve.security() {
+    let security = match args.curve.security_or_usage_error() {
         Ok(security) => security,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = match &args.http {
         Some(url) => probe_http(url, args.timeout),
