@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -52,6 +53,25 @@ pub struct Admin {
     thread: JoinHandle<()>,
 }
 
+/// A listening TCP socket on `addr` whose accept queue is as long as the system allows
+/// (`SOMAXCONN`, 4096; the kernel caps it at `net.core.somaxconn`): room for a burst of
+/// connections (a header flood, a fleet of scrapers), so a probe's SYN is not dropped and
+/// retransmitted a second later, as with std's listener (128).
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // As std does: a restarted broker can bind while old connections are in TIME_WAIT.
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::bind(fd.as_raw_fd(), &socket::SockaddrStorage::from(addr))?;
+    socket::listen(&fd, Backlog::MAXCONN)?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
 impl Admin {
     /// Binds `addr` now (so a taken port fails start-up) and serves on the `admin` thread.
     pub fn spawn(
@@ -60,7 +80,7 @@ impl Admin {
         metrics: Arc<Metrics>,
     ) -> Result<Admin, Error> {
         let bind_error = |source| Error::Bind { addr, source };
-        let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        let listener = listen(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -8,11 +8,12 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{BoolishValueParser, EnumValueParser, PathBufValueParser};
 use clap::{Args, Parser, ValueEnum};
 use log::LevelFilter;
 use shared::curve::{self, Key, SecretKey};
 use shared::logging::LogFormat;
-use shared::parse::{bounded_duration, count};
+use shared::parse::{bounded_duration, count, Trimmed};
 
 use crate::access::AllowKeys;
 
@@ -83,6 +84,10 @@ pub mod limits {
     /// The smallest frame limit set on the front socket: the ZMTP handshake (a READY command
     /// with the peer's metadata) must fit, or no client can connect.
     pub const MIN_FRAME_LIMIT: u64 = 64 * 1024;
+    /// What a request of `--max-message-bytes` may cost in the in-flight table beyond its
+    /// bytes (a 255-byte routing id and three frames' overhead fit): `--max-inflight-bytes`
+    /// must be at least the message limit plus this.
+    pub const INFLIGHT_SLACK: u64 = 1024;
     /// Smallest `--max-message-bytes`: a health request (`broker probe`) and its envelope must
     /// fit, or the probes fail on a healthy broker.
     pub const MIN_MESSAGE_BYTES: u64 = 64;
@@ -160,86 +165,86 @@ pub enum LogLevelArg {
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
     /// ZeroMQ endpoint the front ROUTER binds: tcp://IP:PORT, tcp://*:PORT or ipc://PATH.
-    #[arg(long, env = "BROKER_FRONTEND", default_value = defaults::FRONTEND, value_parser = parse_endpoint)]
+    #[arg(long, env = "BROKER_FRONTEND", default_value = defaults::FRONTEND, value_parser = Trimmed(parse_endpoint))]
     pub frontend: Endpoint,
     /// Address of the admin HTTP server (/metrics, /livez, /readyz).
-    #[arg(long, env = "BROKER_ADMIN", default_value = defaults::ADMIN)]
+    #[arg(long, env = "BROKER_ADMIN", default_value = defaults::ADMIN, value_parser = Trimmed(parse_admin))]
     pub admin: SocketAddr,
     /// Worker threads, 1 to 1000 [default: the CPUs this process may use]
-    #[arg(long, env = "BROKER_WORKERS", value_parser = parse_workers)]
+    #[arg(long, env = "BROKER_WORKERS", value_parser = Trimmed(parse_workers))]
     pub workers: Option<NonZeroUsize>,
     /// Handler the workers run.
-    #[arg(long, env = "BROKER_HANDLER", value_enum, ignore_case = true, default_value = defaults::HANDLER)]
+    #[arg(long, env = "BROKER_HANDLER", value_parser = Trimmed(EnumValueParser::<HandlerKind>::new()), ignore_case = true, default_value = defaults::HANDLER)]
     pub handler: HandlerKind,
     /// Longest sleep the `sleep` handler grants (at most 1h).
-    #[arg(long, env = "BROKER_MAX_SLEEP", value_parser = parse_wait, default_value = defaults::MAX_SLEEP)]
+    #[arg(long, env = "BROKER_MAX_SLEEP", value_parser = Trimmed(parse_wait), default_value = defaults::MAX_SLEEP)]
     pub max_sleep: Duration,
     /// Hash rounds per request for the `cpu` handler; a request may ask for fewer.
     #[arg(long, env = "BROKER_CPU_ROUNDS", default_value_t = defaults::CPU_ROUNDS,
-          value_parser = clap::value_parser!(u64).range(0..=limits::MAX_CPU_ROUNDS))]
+          value_parser = Trimmed(clap::value_parser!(u64).range(0..=limits::MAX_CPU_ROUNDS)))]
     pub cpu_rounds: u64,
     /// Requests held at once (queued + running), 1 to 1,000,000; beyond it `ERR overloaded`.
     #[arg(long, env = "BROKER_MAX_INFLIGHT", default_value_t = defaults::MAX_INFLIGHT,
-          value_parser = count::<1, { limits::MAX_INFLIGHT }>)]
+          value_parser = Trimmed(count::<1, { limits::MAX_INFLIGHT }>))]
     pub max_inflight: usize,
     /// Request bytes held at once (each frame counts its size plus 64); beyond it
     /// `ERR overloaded`. Sizes take 1048576, 1MiB, 1Mi, 1MB (=10^6).
-    #[arg(long, env = "BROKER_MAX_INFLIGHT_BYTES", default_value = defaults::MAX_INFLIGHT_BYTES, value_parser = parse_size)]
+    #[arg(long, env = "BROKER_MAX_INFLIGHT_BYTES", default_value = defaults::MAX_INFLIGHT_BYTES, value_parser = Trimmed(parse_size))]
     pub max_inflight_bytes: u64,
     /// Largest request (body plus envelope) and, doubled (at least 64KiB), largest reply;
     /// larger requests get `ERR too_large`.
-    #[arg(long, env = "BROKER_MAX_MESSAGE_BYTES", default_value = defaults::MAX_MESSAGE_BYTES, value_parser = parse_size)]
+    #[arg(long, env = "BROKER_MAX_MESSAGE_BYTES", default_value = defaults::MAX_MESSAGE_BYTES, value_parser = Trimmed(parse_size))]
     pub max_message_bytes: u64,
     /// Front connections at once; more are closed on arrival and counted.
     #[arg(long, env = "BROKER_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS,
-          value_parser = count::<1, { limits::MAX_CONNECTIONS }>)]
+          value_parser = Trimmed(count::<1, { limits::MAX_CONNECTIONS }>))]
     pub max_connections: usize,
     /// Bytes one connection may hold in the broker in each direction (requests still arriving
     /// or unread, replies not yet taken by the client); an inbound excess resets the
     /// connection, an outbound one drops the reply.
-    #[arg(long, env = "BROKER_MAX_CONNECTION_BYTES", default_value = defaults::MAX_CONNECTION_BYTES, value_parser = parse_size)]
+    #[arg(long, env = "BROKER_MAX_CONNECTION_BYTES", default_value = defaults::MAX_CONNECTION_BYTES, value_parser = Trimmed(parse_size))]
     pub max_connection_bytes: u64,
     /// Bytes all connections together may hold in each direction; beyond it the largest
     /// inbound holders are reset, and outbound replies that do not fit are dropped.
-    #[arg(long, env = "BROKER_MAX_BUFFERED_BYTES", default_value = defaults::MAX_BUFFERED_BYTES, value_parser = parse_size)]
+    #[arg(long, env = "BROKER_MAX_BUFFERED_BYTES", default_value = defaults::MAX_BUFFERED_BYTES, value_parser = Trimmed(parse_size))]
     pub max_buffered_bytes: u64,
     /// A connection that holds bytes without progress (no complete request arriving, or its
     /// replies not read) for this long is reset (at most 1h).
-    #[arg(long, env = "BROKER_STALL_TIMEOUT", value_parser = parse_patience, default_value = defaults::STALL_TIMEOUT)]
+    #[arg(long, env = "BROKER_STALL_TIMEOUT", value_parser = Trimmed(parse_patience), default_value = defaults::STALL_TIMEOUT)]
     pub stall_timeout: Duration,
     /// Memory the process must stay under: near it the broker refuses new work and resets
     /// the connections holding the most [default: the cgroup's memory limit, if any].
-    #[arg(long, env = "BROKER_MEMORY_LIMIT", value_parser = parse_size)]
+    #[arg(long, env = "BROKER_MEMORY_LIMIT", value_parser = Trimmed(parse_size))]
     pub memory_limit: Option<u64>,
     /// After SIGTERM, keep serving (while not ready) this long before draining (at most 1h).
-    #[arg(long, env = "BROKER_SHUTDOWN_DELAY", value_parser = parse_wait, default_value = defaults::SHUTDOWN_DELAY)]
+    #[arg(long, env = "BROKER_SHUTDOWN_DELAY", value_parser = Trimmed(parse_wait), default_value = defaults::SHUTDOWN_DELAY)]
     pub shutdown_delay: Duration,
     /// Longest wait for in-flight requests once draining; then `ERR timeout` (at most 1h).
-    #[arg(long, env = "BROKER_DRAIN_TIMEOUT", value_parser = parse_positive_wait, default_value = defaults::DRAIN_TIMEOUT)]
+    #[arg(long, env = "BROKER_DRAIN_TIMEOUT", value_parser = Trimmed(parse_positive_wait), default_value = defaults::DRAIN_TIMEOUT)]
     pub drain_timeout: Duration,
     /// /livez fails when the pipeline makes no progress for this long (at most 24h).
-    #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = parse_stuck_after, default_value = defaults::STUCK_AFTER)]
+    #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = Trimmed(parse_stuck_after), default_value = defaults::STUCK_AFTER)]
     pub stuck_after: Duration,
     /// Log level (any case).
-    #[arg(long, alias = "loglevel", env = "BROKER_LOG_LEVEL", value_enum, ignore_case = true, default_value = defaults::LOG_LEVEL)]
+    #[arg(long, alias = "loglevel", env = "BROKER_LOG_LEVEL", value_parser = Trimmed(EnumValueParser::<LogLevelArg>::new()), ignore_case = true, default_value = defaults::LOG_LEVEL)]
     pub log_level: LogLevelArg,
     /// Log format (any case).
-    #[arg(long, env = "BROKER_LOG_FORMAT", value_enum, ignore_case = true, default_value = defaults::LOG_FORMAT)]
+    #[arg(long, env = "BROKER_LOG_FORMAT", value_parser = Trimmed(EnumValueParser::<LogFormatArg>::new()), ignore_case = true, default_value = defaults::LOG_FORMAT)]
     pub log_format: LogFormatArg,
     /// Accept front connections only from this network (CIDR; repeat, or comma-separate in
     /// the env var). Unset: accept all (use a NetworkPolicy).
-    #[arg(long = "allow-from", env = "BROKER_ALLOW_FROM", value_delimiter = ',')]
+    #[arg(long = "allow-from", env = "BROKER_ALLOW_FROM", value_delimiter = ',', value_parser = Trimmed(parse_network))]
     pub allow_from: Vec<ipnet::IpNet>,
     /// The front socket's CURVE secret key (a `broker keygen` file, or one Z85 key): clients
     /// must connect with CURVE and the matching public key; plaintext clients are refused.
-    #[arg(long, env = "BROKER_CURVE_SECRET_KEY_FILE")]
+    #[arg(long, env = "BROKER_CURVE_SECRET_KEY_FILE", value_parser = Trimmed(PathBufValueParser::new()))]
     pub curve_secret_key_file: Option<PathBuf>,
     /// Client public keys allowed to connect (Z85, one a line, # comments), re-read when the
     /// file changes. Needs --curve-secret-key-file. Unset: any CURVE client is accepted.
-    #[arg(long, env = "BROKER_CURVE_ALLOW_KEYS")]
+    #[arg(long, env = "BROKER_CURVE_ALLOW_KEYS", value_parser = Trimmed(PathBufValueParser::new()))]
     pub curve_allow_keys: Option<PathBuf>,
     /// Skip per-request metric updates (only to measure their cost; breaks autoscaling).
-    #[arg(long, env = "BROKER_NO_METRICS", hide = true)]
+    #[arg(long, env = "BROKER_NO_METRICS", hide = true, value_parser = Trimmed(BoolishValueParser::new()))]
     pub no_metrics: bool,
 }
 
@@ -321,6 +326,24 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
         port: Some(port),
         ipv6: host.starts_with('['),
     })
+}
+
+/// Parses the admin address: an IP and a port other than 0 (probes and scrapes need to know
+/// where to go; a random port could be told to no one).
+fn parse_admin(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8000 or [::]:8000".to_owned())?;
+    if addr.port() == 0 {
+        return Err("the port must be 1 to 65535 (probes and scrapes need a known port)".into());
+    }
+    Ok(addr)
+}
+
+/// Parses one `--allow-from` network in CIDR form.
+fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse()
+        .map_err(|_| "expected a network in CIDR form, e.g. 10.0.0.0/8 or fd00::/8".to_owned())
 }
 
 fn parse_workers(text: &str) -> Result<NonZeroUsize, String> {
@@ -554,12 +577,14 @@ impl Config {
                 "must be at least --max-connection-bytes".into(),
             ));
         }
-        let least_inflight = max_message_bytes + shared::protocol::FRAME_OVERHEAD as u64;
+        // A request of the largest size, as it is held: its bytes, a routing id of up to 255
+        // bytes, and the per-frame overhead of a routing id, a delimiter and a body frame.
+        let least_inflight = max_message_bytes + limits::INFLIGHT_SLACK;
         if args.max_inflight_bytes < least_inflight {
             return Err(range(
                 "--max-inflight-bytes",
                 format!(
-                    "must be at least {least_inflight} (--max-message-bytes plus 64) so a \
+                    "must be at least {least_inflight} (--max-message-bytes plus 1KiB) so a \
                      request of the largest size can be admitted"
                 ),
             ));

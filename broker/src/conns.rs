@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 use shared::metrics::ResetReason;
+use shared::protocol::FRAME_OVERHEAD;
 
 use crate::sys::{self, TcpCounters};
 
@@ -39,6 +40,10 @@ pub struct Conn {
     pub id: u64,
     /// The broker's duplicate of libzmq's socket.
     fd: OwnedFd,
+    /// The kernel counts its bytes (TCP). An ipc:// connection has no such counters: its
+    /// bytes are not bounded per connection (nothing could say when they leave), only by the
+    /// process-wide memory guard.
+    measurable: bool,
     /// When libzmq accepted it.
     pub opened: Instant,
     /// Wire bytes of requests the coordinator read from it.
@@ -62,9 +67,11 @@ pub struct Conn {
 
 impl Conn {
     fn new(id: u64, fd: OwnedFd) -> Conn {
+        let measurable = sys::tcp_counters(fd.as_fd()).is_ok();
         Conn {
             id,
             fd,
+            measurable,
             opened: Instant::now(),
             consumed: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -103,6 +110,9 @@ impl Conn {
 
     /// Outbound bytes held for this connection as of the last measurement.
     pub fn held_out(&self) -> u64 {
+        if !self.measurable {
+            return 0;
+        }
         let delivered = self
             .acked
             .load(Ordering::Relaxed)
@@ -235,12 +245,17 @@ pub struct Closed {
     pub refused: bool,
 }
 
-/// The coordinator's view of one connection: the shared counters plus the end offset of each
-/// reply not yet known to be delivered, to count what is lost if the peer goes.
+/// The coordinator's view of one connection: the shared counters, the end offset and frame
+/// count of each reply not yet known to be delivered (to count what is lost if the peer goes,
+/// and what libzmq holds per frame), and what its requests in flight cost.
 #[derive(Debug)]
 struct Tracked {
     conn: Arc<Conn>,
-    pending: VecDeque<u64>,
+    pending: VecDeque<(u64, u32)>,
+    /// Frames of the replies in `pending`.
+    pending_frames: u64,
+    /// In-flight cost of its requests read and not yet answered.
+    inflight: u64,
     first_request_seen: bool,
     /// Its CURVE client key, learnt from its first request (with `--curve-allow-keys`).
     key: Option<shared::curve::Key>,
@@ -323,6 +338,8 @@ impl Table {
         self.by_fd[index] = Some(Tracked {
             conn,
             pending: VecDeque::new(),
+            pending_frames: 0,
+            inflight: 0,
             first_request_seen: false,
             key: None,
         });
@@ -338,7 +355,7 @@ impl Table {
 
     fn finish(&mut self, mut tracked: Tracked) -> Closed {
         let conn = Arc::clone(&tracked.conn);
-        self.out_estimate = self.out_estimate.saturating_sub(conn.held_out());
+        self.out_estimate = self.out_estimate.saturating_sub(tracked.held_out());
         // Our duplicate keeps the socket readable after libzmq closed it: this is the exact
         // count of what the peer acknowledged.
         let _ = conn.measure();
@@ -403,33 +420,70 @@ impl Table {
         revoked
     }
 
-    /// Outbound bytes held for connection `id` on `zmq_fd`, measured now if the recorded
-    /// figure is above `limit` (it may be stale). `None` if that connection is gone.
+    /// Outbound bytes held for connection `id` on `zmq_fd` (wire bytes plus
+    /// [`FRAME_OVERHEAD`] per unacknowledged reply frame, what libzmq holds in memory), measured
+    /// now if the recorded figure is above `limit` (it may be stale). `None` if that
+    /// connection is gone.
     pub fn held_out(&mut self, zmq_fd: RawFd, id: u64, limit: u64) -> Option<u64> {
         let tracked = self.get_mut(zmq_fd).filter(|t| t.conn.id == id)?;
-        let before = tracked.conn.held_out();
+        let before = tracked.held_out();
         if before <= limit {
             return Some(before);
         }
         let _ = tracked.conn.measure();
         trim(tracked);
-        let after = tracked.conn.held_out();
+        let after = tracked.held_out();
         self.out_estimate = self.out_estimate.saturating_sub(before - after.min(before));
         Some(after)
     }
 
-    /// A reply of `wire_bytes` was handed to libzmq for connection `id`.
-    pub fn reply_sent(&mut self, zmq_fd: RawFd, id: u64, wire_bytes: u64) {
+    /// True when connection `id` can hold a request of `cost` more within `cap` (the requests
+    /// it has in flight and the replies it has not read, together): a client may pipeline as
+    /// deep as it likes within its byte bound, and beyond it is refused before any work is
+    /// done for a reply it could not be sent. Untracked connections always fit.
+    pub fn fits(&mut self, zmq_fd: RawFd, id: u64, cost: u64, cap: u64) -> bool {
+        let Some(inflight) = self
+            .get_mut(zmq_fd)
+            .filter(|t| t.conn.id == id)
+            .map(|t| t.inflight)
+        else {
+            return true;
+        };
+        let room = cap.saturating_sub(inflight.saturating_add(cost));
+        self.held_out(zmq_fd, id, room)
+            .is_none_or(|held| held <= room)
+    }
+
+    /// A request of `cost` from connection `id` is now in flight.
+    pub fn hold(&mut self, zmq_fd: RawFd, id: u64, cost: u64) {
+        if let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) {
+            tracked.inflight += cost;
+        }
+    }
+
+    /// A request of `cost` from connection `id` is answered (or given up).
+    pub fn release(&mut self, zmq_fd: RawFd, id: u64, cost: u64) {
+        if let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) {
+            tracked.inflight = tracked.inflight.saturating_sub(cost);
+        }
+    }
+
+    /// A reply of `wire_bytes` in `frames` frames was handed to libzmq for connection `id`.
+    pub fn reply_sent(&mut self, zmq_fd: RawFd, id: u64, wire_bytes: u64, frames: u32) {
         let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) else {
             return;
         };
+        if !tracked.conn.measurable {
+            return;
+        }
         let end = tracked.conn.sent.fetch_add(wire_bytes, Ordering::Relaxed) + wire_bytes;
-        tracked.pending.push_back(end);
+        tracked.pending.push_back((end, frames));
+        tracked.pending_frames += u64::from(frames);
         if tracked.pending.len() >= PENDING_TRIM {
             let _ = tracked.conn.measure();
             trim(tracked);
         }
-        self.out_estimate += wire_bytes;
+        self.out_estimate += wire_bytes + u64::from(frames) * FRAME_OVERHEAD as u64;
     }
 
     /// Outbound bytes held for all connections (see the field's note on freshness).
@@ -439,13 +493,13 @@ impl Table {
 
     /// Recomputes the outbound total from the latest measurements (the guard's included).
     pub fn resync(&mut self) {
-        self.out_estimate = self.by_fd.iter().flatten().map(|t| t.conn.held_out()).sum();
+        self.out_estimate = self.by_fd.iter().flatten().map(Tracked::held_out).sum();
     }
 
     /// Measures every connection holding outbound bytes (when the total looks over budget).
     pub fn measure_outbound(&mut self) {
         for tracked in self.by_fd.iter_mut().flatten() {
-            if tracked.conn.held_out() > 0 {
+            if tracked.held_out() > 0 {
                 let _ = tracked.conn.measure();
                 trim(tracked);
             }
@@ -467,15 +521,26 @@ impl Table {
     }
 }
 
-/// Forgets the offsets of replies the peer has acknowledged.
+impl Tracked {
+    /// Outbound bytes held as of the last measurement, with libzmq's per-frame overhead.
+    fn held_out(&self) -> u64 {
+        self.conn.held_out() + self.pending_frames * FRAME_OVERHEAD as u64
+    }
+}
+
+/// Forgets the replies the peer has acknowledged.
 fn trim(tracked: &mut Tracked) {
     let conn = &tracked.conn;
     let delivered = conn
         .acked
         .load(Ordering::Relaxed)
         .saturating_sub(conn.handshake_out.load(Ordering::Relaxed));
-    while tracked.pending.front().is_some_and(|&end| end <= delivered) {
+    while let Some(&(end, frames)) = tracked.pending.front() {
+        if end > delivered {
+            break;
+        }
         tracked.pending.pop_front();
+        tracked.pending_frames -= u64::from(frames);
     }
 }
 
@@ -541,14 +606,29 @@ mod tests {
         // Two replies go out; the client reads both: nothing held, nothing undelivered.
         for _ in 0..2 {
             server.write_all(&[1u8; 500]).expect("reply");
-            table.reply_sent(fd, id, 500);
+            table.reply_sent(fd, id, 500, 2);
         }
         client.read_exact(&mut buf[..1000]).expect("client reads");
         wait_acked(&conn, 1000);
         assert_eq!(table.held_out(fd, id, 0), Some(0));
         // A third is counted as sent but never written: undelivered when the peer goes.
-        table.reply_sent(fd, id, 500);
-        assert_eq!(table.held_out(fd, id, u64::MAX), Some(500));
+        table.reply_sent(fd, id, 500, 2);
+        // What libzmq holds: the bytes, and a zmq_msg_t per frame.
+        assert_eq!(
+            table.held_out(fd, id, u64::MAX),
+            Some(500 + 2 * FRAME_OVERHEAD as u64)
+        );
+        // Requests in flight and unread replies share the connection's bound.
+        let held = 500 + 2 * FRAME_OVERHEAD as u64;
+        assert!(table.fits(fd, id, 1000, held + 1000));
+        table.hold(fd, id, 1000);
+        assert!(!table.fits(fd, id, 1, held + 1000), "full");
+        assert!(
+            table.fits(fd, id + 1, 1, 0),
+            "another connection's id is not bounded here"
+        );
+        table.release(fd, id, 1000);
+        assert!(table.fits(fd, id, 1000, held + 1000));
         assert_eq!(
             table.held_out(fd, id + 1, 0),
             None,

@@ -33,6 +33,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// bookkeeping): enough for full speed on loopback and in a cluster, small enough that the
 /// kernel never holds much on the broker's behalf.
 pub const SOCKET_BUFFER_BYTES: i32 = 256 * 1024;
+/// The front socket's receive high-water mark, in messages per connection (see `front_sockets`).
+pub const FRONT_RCVHWM: i32 = 100;
 /// Where the front socket's monitor publishes connection events.
 const FRONT_MONITOR: &str = "inproc://broker-front-monitor";
 
@@ -380,6 +382,17 @@ fn front_sockets(
     let socket = ctx.socket(zmq::ROUTER).map_err(socket_error)?;
     // Unknown or full peers fail the send instead of silently dropping or blocking.
     socket.set_router_mandatory(true).map_err(socket_error)?;
+    // No message count limits a peer's replies: libzmq's default (1000, with credit returned
+    // in batches) dropped replies to a client that read everything but kept ~500 requests
+    // outstanding. The byte bounds decide instead (--max-connection-bytes, counting libzmq's
+    // per-frame overhead, and --max-buffered-bytes), and admission refuses work whose reply
+    // would not fit.
+    socket.set_sndhwm(0).map_err(socket_error)?;
+    // Complete requests libzmq reads ahead of the coordinator, per connection. Its default
+    // (1000) let a client pipelining 8 KiB requests put 8 MB in libzmq's queue while the
+    // coordinator was busy, which the guard then reset as over --max-connection-bytes; beyond
+    // this many, TCP flow control holds the rest in the client.
+    socket.set_rcvhwm(FRONT_RCVHWM).map_err(socket_error)?;
     // A frame beyond this is refused by libzmq (the connection is dropped) before it is
     // buffered; libzmq allocates a frame at its declared size.
     socket

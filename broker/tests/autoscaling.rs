@@ -9,15 +9,27 @@
 //! workers (0.5) within 15 % and the HPA formula keeps the replicas; that at three times
 //! capacity the formula asks for at least three times the replicas in one step; and that once
 //! the load stops the signal falls back within the query window.
+//!
+//! The Grafana dashboard (deploy/monitoring/dashboards/broker.json) is evaluated on the same
+//! Prometheus: every query of every panel, for the half-load and the overloaded namespace, must
+//! return data; the overloaded namespace's panels are then drawn from range queries with
+//! matplotlib (deploy/monitoring/dashboards/render.py) into target/dashboard/broker.png, which
+//! docs/img/dashboard.png is a copy of. kube-state-metrics cannot run here (no API server): the
+//! one series of it the dashboard reads, the pods' memory limit, is served by a stand-in with
+//! the rendered production Deployment's limit.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::deploy::{rendered_object, repo};
+use common::deploy::{production_pod, rendered_object, repo};
 use common::{eventually, free_port, Broker};
 use serde_yaml::Value;
 
@@ -45,21 +57,15 @@ fn hpa_metric() -> (String, f64) {
     (name, target)
 }
 
-/// The prometheus-adapter rule's metricsQuery that serves `metric`.
+/// The prometheus-adapter rule's metricsQuery that serves `metric` (from its Helm values).
 fn adapter_query(metric: &str) -> String {
     let text =
-        std::fs::read_to_string(repo().join("deploy/monitoring/prometheus-adapter-config.yaml"))
-            .expect("adapter config");
-    let configmap: Value = serde_yaml::from_str(&text).expect("yaml");
-    let config: Value = serde_yaml::from_str(
-        configmap["data"]["config.yaml"]
-            .as_str()
-            .expect("config.yaml"),
-    )
-    .expect("adapter rules");
-    config["rules"]
+        std::fs::read_to_string(repo().join("deploy/monitoring/prometheus-adapter-values.yaml"))
+            .expect("adapter values");
+    let values: Value = serde_yaml::from_str(&text).expect("yaml");
+    values["rules"]["custom"]
         .as_sequence()
-        .expect("rules")
+        .expect("rules.custom")
         .iter()
         .find(|rule| rule["name"]["as"] == metric)
         .and_then(|rule| rule["metricsQuery"].as_str())
@@ -101,7 +107,8 @@ fn keda_trigger() -> (String, f64) {
     )
 }
 
-/// Prometheus on loopback scraping `targets` (admin address, namespace, pod) every second.
+/// Prometheus on loopback scraping `targets` (admin address, namespace, pod) every second, and
+/// `exporters` with their own labels (honor_labels, as kube-state-metrics is scraped).
 struct Prometheus {
     child: Child,
     port: u16,
@@ -109,7 +116,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(targets: &[(SocketAddr, &str, &str)]) -> Prometheus {
+    fn start(targets: &[(SocketAddr, &str, &str)], exporters: &[SocketAddr]) -> Prometheus {
         let dir = std::env::temp_dir().join(format!(
             "broker-prom-{}-{}",
             std::process::id(),
@@ -123,6 +130,12 @@ impl Prometheus {
             config.push_str(&format!(
                 "      - targets: ['{addr}']\n        labels: {{namespace: '{namespace}', pod: '{pod}'}}\n"
             ));
+        }
+        config.push_str(
+            "  - job_name: kube-state-metrics\n    honor_labels: true\n    static_configs:\n",
+        );
+        for addr in exporters {
+            config.push_str(&format!("      - targets: ['{addr}']\n"));
         }
         let path = dir.join("prometheus.yml");
         std::fs::write(&path, config).expect("write prometheus.yml");
@@ -148,8 +161,8 @@ impl Prometheus {
         prometheus
     }
 
-    /// An instant query: each series' labels and value.
-    fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+    /// The API's `data.result` for `endpoint` (query or query_range) with `params`.
+    fn api(&self, endpoint: &str, query: &str, params: &str) -> Vec<serde_json::Value> {
         let encoded: String = query
             .bytes()
             .map(|b| match b {
@@ -162,13 +175,31 @@ impl Prometheus {
         let (status, body) = common::http_request(
             SocketAddr::from(([127, 0, 0, 1], self.port)),
             "GET",
-            &format!("/api/v1/query?query={encoded}"),
+            &format!("/api/v1/{endpoint}?query={encoded}{params}"),
         );
         assert_eq!(status, 200, "{query}: {body}");
-        let response: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let response: serde_json::Value = serde_json::from_str(&dechunk(&body))
+            .unwrap_or_else(|e| panic!("{query}: {e}: {body}"));
         response["data"]["result"]
             .as_array()
-            .expect("a vector result")
+            .expect("a result")
+            .clone()
+    }
+
+    /// A range query from `start` to now, one point a second: each series with its values.
+    fn query_range(&self, query: &str, start: SystemTime) -> Vec<serde_json::Value> {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).expect("after 1970").as_secs();
+        let params = format!(
+            "&start={}&end={}&step=1",
+            secs(start),
+            secs(SystemTime::now())
+        );
+        self.api("query_range", query, &params)
+    }
+
+    /// An instant query: each series' labels and value.
+    fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+        self.api("query", query, "")
             .iter()
             .map(|sample| {
                 let value = sample["value"][1]
@@ -185,6 +216,124 @@ impl Prometheus {
         let values: Vec<f64> = self.query(query).into_iter().map(|(_, v)| v).collect();
         values.iter().sum::<f64>() / values.len() as f64
     }
+}
+
+/// The body of an HTTP/1.1 response as sent: Prometheus sends large answers in chunks
+/// (`Transfer-Encoding: chunked`), each a hex length line, the data and CRLF, until length 0.
+fn dechunk(body: &str) -> String {
+    if body.starts_with('{') {
+        return body.to_owned();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16)
+            .unwrap_or_else(|_| panic!("not a chunked body: {body:.200}"));
+        if size == 0 {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Stands in for kube-state-metrics, which needs an API server: serves
+/// `kube_pod_container_resource_limits` (memory) for the test's pods, as it would for the pods
+/// of the rendered Deployment.
+struct KubeStateMetrics {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl KubeStateMetrics {
+    fn start(pods: &[(&str, &str)], memory_limit: u64) -> KubeStateMetrics {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut text = String::from("# TYPE kube_pod_container_resource_limits gauge\n");
+        for (namespace, pod) in pods {
+            text.push_str(&format!(
+                "kube_pod_container_resource_limits{{namespace=\"{namespace}\",pod=\"{pod}\",\
+                 container=\"broker\",resource=\"memory\",unit=\"byte\"}} {memory_limit}\n"
+            ));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        KubeStateMetrics {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for KubeStateMetrics {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Every query of every panel of the Grafana dashboard, for `namespace`: (panel, unit,
+/// target line, [(query, legend)]), with the dashboard's variables as Grafana would fill them
+/// (`$__rate_interval` at least four scrape intervals: 4 s here).
+type Panel = (String, String, Option<f64>, Vec<(String, String)>);
+
+fn dashboard_panels(namespace: &str) -> Vec<Panel> {
+    let path = repo().join("deploy/monitoring/dashboards/broker.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .map(|panel| {
+            let defaults = &panel["fieldConfig"]["defaults"];
+            let line = defaults["thresholds"]["steps"]
+                .as_array()
+                .and_then(|steps| steps.iter().find_map(|s| s["value"].as_f64()));
+            let targets = panel["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .map(|t| {
+                    let expr = t["expr"].as_str().expect("expr");
+                    (
+                        expr.replace("$namespace", namespace)
+                            .replace("$__rate_interval", "4s"),
+                        t["legendFormat"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect();
+            (
+                panel["title"].as_str().expect("title").to_owned(),
+                defaults["unit"].as_str().unwrap_or("short").to_owned(),
+                line,
+                targets,
+            )
+        })
+        .collect()
 }
 
 impl Drop for Prometheus {
@@ -217,6 +366,47 @@ fn load(brokers: &[&Broker], rate: f64, secs: u64) -> Child {
         .expect("broker bench runs")
 }
 
+/// Draws the dashboard's panels for `namespace` since `start` into target/dashboard/broker.png
+/// (deploy/monitoring/dashboards/render.py, with the tools venv's matplotlib).
+fn render_dashboard(prometheus: &Prometheus, namespace: &str, start: SystemTime) {
+    let panels: Vec<serde_json::Value> = dashboard_panels(namespace)
+        .into_iter()
+        .map(|(title, unit, line, queries)| {
+            let targets: Vec<serde_json::Value> = queries
+                .iter()
+                .map(|(query, legend)| {
+                    let result = prometheus.query_range(query, start);
+                    assert!(!result.is_empty(), "{title:?} has no range data: {query}");
+                    serde_json::json!({"legendFormat": legend, "result": result})
+                })
+                .collect();
+            serde_json::json!({"title": title, "unit": unit, "threshold": line, "targets": targets})
+        })
+        .collect();
+    let dir = repo().join("target/dashboard");
+    std::fs::create_dir_all(&dir).expect("target/dashboard");
+    let data = dir.join("broker-data.json");
+    let title = format!("Broker, namespace {namespace}: 2 pods at 3x their capacity for 20 s");
+    let document = serde_json::json!({"title": title, "panels": panels});
+    std::fs::write(&data, document.to_string()).expect("write the data");
+    let png = dir.join("broker.png");
+    let _ = std::fs::remove_file(&png);
+    let python = repo().join("target/tools/venv/bin/python3");
+    let output = Command::new(&python)
+        .arg(repo().join("deploy/monitoring/dashboards/render.py"))
+        .args([&data, &png])
+        .output()
+        .expect("the tools venv's python runs (scripts/setup makes it)");
+    assert!(
+        output.status.success(),
+        "render.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let size = std::fs::metadata(&png).expect("the PNG is written").len();
+    assert!(size > 10_000, "the PNG is only {size} bytes");
+    eprintln!("dashboard drawn: {} ({size} bytes)", png.display());
+}
+
 /// ceil(current x value / target): the replicas the HPA (and KEDA's HPA) asks for.
 fn desired(current: u32, value: f64, target: f64) -> u32 {
     (f64::from(current) * value / target).ceil() as u32
@@ -235,14 +425,24 @@ fn the_signal_sees_load_and_overload_and_falls_back_when_it_stops() {
     let args = ["--workers", "2", "--handler", "sleep"];
     let start = || -> Vec<Broker> { (0..2).map(|_| Broker::start(&args)).collect() };
     let (half, over, brief) = (start(), start(), start());
-    let prometheus = Prometheus::start(&[
-        (half[0].admin, "broker", "h-0"),
-        (half[1].admin, "broker", "h-1"),
-        (over[0].admin, "broker-over", "o-0"),
-        (over[1].admin, "broker-over", "o-1"),
-        (brief[0].admin, "broker-brief", "b-0"),
-        (brief[1].admin, "broker-brief", "b-1"),
-    ]);
+    let pods = [
+        ("broker", "h-0"),
+        ("broker", "h-1"),
+        ("broker-over", "o-0"),
+        ("broker-over", "o-1"),
+        ("broker-brief", "b-0"),
+        ("broker-brief", "b-1"),
+    ];
+    let kube_state_metrics = KubeStateMetrics::start(&pods, production_pod().memory_limit);
+    let admins = [&half, &over, &brief].map(|pair| [pair[0].admin, pair[1].admin]);
+    let targets: Vec<(SocketAddr, &str, &str)> = admins
+        .iter()
+        .flatten()
+        .zip(pods.iter())
+        .map(|(addr, (namespace, pod))| (*addr, *namespace, *pod))
+        .collect();
+    let prometheus = Prometheus::start(&targets, &[kube_state_metrics.addr]);
+    let wall_start = SystemTime::now();
     let half_query = adapter_pods_query(&adapter, "broker", &["h-0", "h-1"]);
     let over_query = adapter_pods_query(&adapter, "broker-over", &["o-0", "o-1"]);
     let brief_query = adapter_pods_query(&adapter, "broker-brief", &["b-0", "b-1"]);
@@ -313,6 +513,19 @@ fn the_signal_sees_load_and_overload_and_falls_back_when_it_stops() {
         "the HPA keeps 2 replicas at half load"
     );
     assert_eq!(desired(2, keda_value, threshold), 2, "so does KEDA");
+
+    // The dashboard: every panel's every query returns data for a loaded namespace.
+    for namespace in ["broker", "broker-over"] {
+        for (title, _, _, queries) in dashboard_panels(namespace) {
+            for (query, _) in queries {
+                assert!(
+                    !prometheus.query(&query).is_empty(),
+                    "dashboard panel {title:?} shows nothing for {namespace}: {query}"
+                );
+            }
+        }
+    }
+    render_dashboard(&prometheus, "broker-over", wall_start);
 
     // The brief load ended a window ago: its signal is back to nothing.
     eventually(

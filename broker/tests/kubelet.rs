@@ -1,9 +1,12 @@
 //! Kubelet conformance: reads the Deployment that `kubectl kustomize deploy/overlays/production`
 //! renders, starts the real binary with exactly its args and env, polls its probes as a kubelet
 //! would (paths, ports, periods, timeouts, thresholds), and checks the pod contract: started
-//! within the startup budget; on SIGTERM under load, unready by the next readiness probe while
+//! within the startup budget; on SIGTERM under load, failing the next readiness probe while
 //! requests are still served; exit 0 well before terminationGracePeriodSeconds with every
 //! request answered. A change to a probe, a port or a timing that breaks the contract fails here.
+//! Readiness tolerates one failed answer: shedding for memory makes /readyz 503, and only
+//! shedding that lasts the probe's failure threshold takes the pod out of its Services (the
+//! readiness state kept as the kubelet keeps it, from the real probes of the real binary).
 
 mod common;
 
@@ -118,7 +121,8 @@ impl Probe {
     /// One probe, kubelet semantics: HTTP 200-399 within the timeout, or exit 0.
     fn run(&self) -> bool {
         match &self.action {
-            Action::Http { path, port } => http_ok(*port, path, self.timeout),
+            Action::Http { path, port } => http_status(*port, path, self.timeout)
+                .is_some_and(|(code, _)| (200..=399).contains(&code)),
             Action::Exec { argv, env } => {
                 let mut child = Command::new(&argv[0])
                     .args(&argv[1..])
@@ -157,26 +161,72 @@ fn container_args(container: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn http_ok(port: u16, path: &str, timeout: Duration) -> bool {
+/// A GET as the kubelet's prober sends it: (status, body) within `timeout`, or None (no
+/// connection, or no answer in time: a failed probe).
+fn http_status(port: u16, path: &str, timeout: Duration) -> Option<(u16, String)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(timeout));
-    if write!(stream, "GET {path} HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nConnection: close\r\n\r\n").is_err() {
-        return false;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    let deadline = Instant::now() + timeout;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 1024];
+    // Connection: close, so the answer ends at EOF.
+    while Instant::now() < deadline {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            Err(_) => return None,
+        }
     }
-    let mut head = [0u8; 64];
-    let Ok(n) = stream.read(&mut head) else {
-        return false;
-    };
-    let text = String::from_utf8_lossy(&head[..n]);
-    matches!(
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok()),
-        Some(200..=399)
-    )
+    let text = String::from_utf8_lossy(&response);
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((code, body))
+}
+
+/// A pod's readiness as the kubelet keeps it: it turns unready after `failure_threshold`
+/// failed probes in a row and ready after `success_threshold` passed ones.
+struct KubeletReadiness {
+    ready: bool,
+    failures: u64,
+    successes: u64,
+    failure_threshold: u64,
+    success_threshold: u64,
+}
+
+impl KubeletReadiness {
+    /// For `probe`, declared by `spec` (which also gives the success threshold).
+    fn new(probe: &Probe, spec: &Value) -> KubeletReadiness {
+        KubeletReadiness {
+            ready: false,
+            failures: 0,
+            successes: 0,
+            failure_threshold: probe.failure_threshold,
+            success_threshold: spec["successThreshold"].as_u64().unwrap_or(1),
+        }
+    }
+
+    /// Records one probe result; returns the readiness after it.
+    fn observe(&mut self, passed: bool) -> bool {
+        if passed {
+            self.failures = 0;
+            self.successes += 1;
+            if self.successes >= self.success_threshold {
+                self.ready = true;
+            }
+        } else {
+            self.successes = 0;
+            self.failures += 1;
+            if self.failures >= self.failure_threshold {
+                self.ready = false;
+            }
+        }
+        self.ready
+    }
 }
 
 fn port_of(endpoint: &str) -> u16 {
@@ -234,9 +284,16 @@ fn production_deployment_contract_holds_for_the_real_binary() {
     let startup = Probe::parse(&container["startupProbe"], &ports, &remap, &env);
     let readiness = Probe::parse(&container["readinessProbe"], &ports, &remap, &env);
     let liveness = Probe::parse(&container["livenessProbe"], &ports, &remap, &env);
-    assert_eq!(
-        readiness.failure_threshold, 1,
-        "one failed readiness probe removes the endpoint"
+    // One slow or failed answer must not take the pod out of its Services; a terminating
+    // pod's endpoints are removed by the endpoints controller, so readiness need not be quick
+    // for the drain (docs/kubernetes.md, section 5): unready must still come before the exit.
+    assert!(
+        readiness.failure_threshold >= 2,
+        "one failed readiness probe would remove the endpoint"
+    );
+    assert!(
+        readiness.timeout >= Duration::from_secs(2),
+        "a 1 s probe timeout fails on one slow answer under load"
     );
     assert!(
         liveness.period * liveness.failure_threshold as u32 >= Duration::from_secs(20),
@@ -351,10 +408,143 @@ fn production_deployment_contract_holds_for_the_real_binary() {
     );
 }
 
+/// Shedding as the kubelet sees it: the production pod, with a small memory limit so that
+/// requests held by a slow handler push it past the guard's threshold. /readyz answers 503
+/// ("shedding") while it sheds; the kubelet keeps the pod ready through the first failed probes
+/// and takes it out only at the failure threshold, and puts it back once shedding stops.
+#[test]
+fn only_sustained_shedding_takes_the_pod_out_of_its_services() {
+    // 85 % of 100 MiB is 85 MiB: the process at rest (about 9 MiB) plus some 76 requests of
+    // 1 MiB held (the in-flight byte limit raised to let them in). Shedding stops new work and
+    // ends below 75 %, once about 10 are answered: the two workers answer one each per 4 s, so
+    // shedding lasts some 20 s, past three probe periods (5 s). Three requests per connection
+    // keep each connection under --max-connection-bytes (4 MiB) both ways.
+    const LIMIT: &str = "100MiB";
+    const CONNECTIONS: usize = 30;
+    const PER_CONNECTION: usize = 3;
+    let pod = production_pod();
+    let (zmq_host, admin_host) = (free_port(), free_port());
+    let remap = HashMap::from([
+        (pod.ports["zmq"], zmq_host),
+        (pod.ports["admin"], admin_host),
+    ]);
+    let mut env = pod.env.clone();
+    env.insert(
+        "BROKER_FRONTEND".into(),
+        format!("tcp://127.0.0.1:{zmq_host}"),
+    );
+    env.insert("BROKER_ADMIN".into(), format!("127.0.0.1:{admin_host}"));
+    env.insert("BROKER_MEMORY_LIMIT".into(), LIMIT.into());
+    env.insert("BROKER_MAX_INFLIGHT_BYTES".into(), "96MiB".into());
+    env.insert("BROKER_HANDLER".into(), "sleep".into());
+    let env_pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args = container_args(&pod.container);
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let broker = Broker::spawn_exact(&arg_refs, &env_pairs, zmq_host, admin_host);
+    let startup = Probe::parse(&pod.container["startupProbe"], &pod.ports, &remap, &env);
+    let spec = &pod.container["readinessProbe"];
+    let readiness = Probe::parse(spec, &pod.ports, &remap, &env);
+    let Action::Http { path, port } = &readiness.action else {
+        panic!("the readiness probe is an HTTP GET")
+    };
+    startup.until_success("startup probe failed its threshold");
+    let mut kubelet = KubeletReadiness::new(&readiness, spec);
+    assert!(kubelet.observe(readiness.run()), "ready once started");
+
+    // Requests that hold memory: 4 s of sleep and about 1 MiB each, read back by this thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (endpoint, stop) = (broker.front.clone(), Arc::clone(&stop));
+        thread::spawn(move || {
+            let clients: Vec<Client> = (0..CONNECTIONS)
+                .map(|_| Client::dealer(&endpoint, true))
+                .collect();
+            // Just under --max-message-bytes (1 MiB, envelope included).
+            let body = vec![b'm'; (1 << 20) - 4096];
+            for client in &clients {
+                for _ in 0..PER_CONNECTION {
+                    client.send(&[b"4000", &body]);
+                }
+            }
+            let mut replies = 0;
+            while replies < CONNECTIONS * PER_CONNECTION && !stop.load(Ordering::Relaxed) {
+                for client in &clients {
+                    if client.try_recv(Duration::from_millis(20)).is_some() {
+                        replies += 1;
+                    }
+                }
+            }
+        })
+    };
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while common::metric(&broker, "broker_memory_shedding") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the memory guard did not shed within {EVENT_TIMEOUT:?}: resident {} MiB, {} MiB \
+             of requests held, {} connections reset",
+            common::metric(&broker, "process_resident_memory_bytes") / 1048576.0,
+            common::metric(&broker, "broker_inflight_bytes") / 1048576.0,
+            common::metric(
+                &broker,
+                "broker_connections_reset_total{reason=\"oversized\"}"
+            )
+        );
+        thread::sleep(Duration::from_millis(50)); // between scrapes
+    }
+
+    // The kubelet's probes, on the manifest's period: the first failures keep the pod in its
+    // Services; the threshold-th takes it out.
+    let mut failed_in_a_row = 0;
+    let deadline = Instant::now() + readiness.period * (kubelet.failure_threshold as u32 + 2);
+    while kubelet.ready {
+        assert!(
+            Instant::now() < deadline,
+            "still ready after {failed_in_a_row} failed probes while shedding"
+        );
+        let answer = http_status(*port, path, readiness.timeout);
+        let passed = answer
+            .as_ref()
+            .is_some_and(|(code, _)| (200..=399).contains(code));
+        if !passed {
+            failed_in_a_row += 1;
+            let (code, body) = answer.expect("the broker answers /readyz while shedding");
+            assert_eq!(code, 503);
+            assert!(body.contains("shedding"), "/readyz says why: {body}");
+        }
+        if kubelet.observe(passed) {
+            assert!(
+                failed_in_a_row < kubelet.failure_threshold,
+                "ready after {failed_in_a_row} failures"
+            );
+            thread::sleep(readiness.period); // the kubelet's probe period
+        }
+    }
+    assert_eq!(
+        failed_in_a_row, kubelet.failure_threshold,
+        "out of the Services at the failure threshold, not before"
+    );
+    eprintln!("unready after {failed_in_a_row} failed probes while shedding");
+
+    // Shedding ends as the held requests are answered: the next passing probe puts it back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !kubelet.observe(readiness.run()) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again within 60 s (shedding {})",
+            common::metric(&broker, "broker_memory_shedding")
+        );
+        thread::sleep(readiness.period); // the kubelet's probe period
+    }
+    assert_eq!(common::metric(&broker, "broker_memory_shedding"), 0.0);
+    stop.store(true, Ordering::Relaxed);
+    loader.join().expect("loader");
+}
+
 /// The CURVE overlay as a kubelet would run it: the Secret's keys projected as files where the
 /// volume is mounted, the env pointing into them, the startup probe (with the container's env)
-/// passing over CURVE, an application key served and a plaintext client refused. The example
-/// Secret itself must not start a broker: its values are not keys.
+/// passing over CURVE, an application key served and a plaintext client refused. No overlay
+/// renders the Secret (applying would overwrite the real keys); the example of its layout
+/// (deploy/examples) must not start a broker: its values are not keys.
 #[test]
 fn production_curve_pod_starts_from_its_secret_and_refuses_plaintext() {
     use client::security::SecretKey;
@@ -363,10 +553,14 @@ fn production_curve_pod_starts_from_its_secret_and_refuses_plaintext() {
     const OVERLAY: &str = "production-curve";
     let pod = common::deploy::pod(OVERLAY);
     let objects = common::deploy::rendered(OVERLAY);
-    let secret = objects
-        .iter()
-        .find(|o| o["kind"] == "Secret")
-        .expect("the example Secret is rendered");
+    assert!(
+        objects.iter().all(|o| o["kind"] != "Secret"),
+        "{OVERLAY} renders a Secret"
+    );
+    let example = common::deploy::repo().join("deploy/examples/curve-secret.yaml.example");
+    let secret: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&example).expect("the example Secret"))
+            .expect("the example is YAML");
     let volume = pod.spec["volumes"]
         .as_sequence()
         .expect("volumes")

@@ -1,5 +1,7 @@
 //! Parsers for command-line values that the broker and its tools share, so a flag accepts the
-//! same forms everywhere and refuses out-of-range values with the same words.
+//! same forms everywhere and refuses out-of-range values with the same words. With the `cli`
+//! feature, [`Trimmed`] makes every flag ignore the white space around its value the same way
+//! (a variable written `"5\n"` or `" sleep"` in a manifest works like `5` or `sleep`).
 
 use std::time::Duration;
 
@@ -35,6 +37,36 @@ pub fn bounded_duration(text: &str, max: Duration, positive: bool) -> Result<Dur
         return Err("must be more than 0".into());
     }
     Ok(d)
+}
+
+/// A clap value parser that ignores white space (any Unicode white space: spaces, tabs,
+/// newlines, no-break spaces) around the value before `P` parses it, so every flag and
+/// variable treats it alike. Possible values (for `--help`) are `P`'s.
+#[cfg(feature = "cli")]
+#[derive(Clone, Debug)]
+pub struct Trimmed<P>(pub P);
+
+#[cfg(feature = "cli")]
+impl<P: clap::builder::TypedValueParser> clap::builder::TypedValueParser for Trimmed<P> {
+    type Value = P::Value;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let trimmed = value
+            .to_str()
+            .map_or(value, |v| std::ffi::OsStr::new(v.trim()));
+        self.0.parse_ref(cmd, arg, trimmed)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        self.0.possible_values()
+    }
 }
 
 #[cfg(test)]

@@ -70,13 +70,14 @@ fn spin(rounds: u64, seed: &[u8]) -> u64 {
     std::hint::black_box(hash)
 }
 
-/// Parses a non-empty run of ASCII digits, optionally surrounded by ASCII white space.
+/// Parses a non-empty run of ASCII digits, optionally surrounded by ASCII white space (and
+/// nothing else: the protocol says ASCII, so an ideographic or no-break space is refused).
 fn parse_ascii_u64(bytes: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(bytes).ok()?.trim();
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+    let digits = bytes.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    text.parse().ok()
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -103,7 +104,17 @@ mod tests {
             .handle(frames(&[b" 100000 ", b"x"]))
             .expect("capped sleep");
         assert_eq!(&reply[1][..], b"x");
-        for bad in [&b""[..], b"abc", b"-5", b"1.5", b"\xff"] {
+        let ideographic = "\u{3000}5".as_bytes();
+        let no_break = "5\u{a0}".as_bytes();
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"-5",
+            b"1.5",
+            b"\xff",
+            ideographic,
+            no_break,
+        ] {
             let err = sleep.handle(frames(&[bad])).expect_err("bad input");
             assert_eq!(err.code, shared::ErrorCode::BadRequest);
         }

@@ -25,6 +25,12 @@ pub enum Refusal {
     MaxInflight,
     /// The request would take the held bytes over `--max-inflight-bytes`.
     MaxInflightBytes,
+    /// Its connection's requests in flight and unread replies would exceed half of
+    /// `--max-connection-bytes`: its reply might not fit (the other half is room for replies
+    /// already due and for refusals like this one).
+    ConnectionBytes,
+    /// All connections' unread replies would exceed half of `--max-buffered-bytes`.
+    BufferedBytes,
     /// The process is near its memory limit.
     Memory,
 }
@@ -34,9 +40,11 @@ impl Refusal {
     pub fn code(self) -> ErrorCode {
         match self {
             Refusal::Draining => ErrorCode::Draining,
-            Refusal::MaxInflight | Refusal::MaxInflightBytes | Refusal::Memory => {
-                ErrorCode::Overloaded
-            }
+            Refusal::MaxInflight
+            | Refusal::MaxInflightBytes
+            | Refusal::ConnectionBytes
+            | Refusal::BufferedBytes
+            | Refusal::Memory => ErrorCode::Overloaded,
         }
     }
 }
@@ -63,6 +71,10 @@ pub struct Load {
     pub full: bool,
     /// The request's cost fits under `--max-inflight-bytes`.
     pub bytes_fit: bool,
+    /// The request's cost fits its connection's share of `--max-connection-bytes`.
+    pub conn_fits: bool,
+    /// The request's cost fits the share of `--max-buffered-bytes` work may use.
+    pub buffered_fits: bool,
     /// New work is refused to stay inside the memory limit.
     pub shedding: bool,
 }
@@ -76,15 +88,19 @@ pub fn admit(verdict: Result<RequestKind, ErrorCode>, load: Load) -> Admission {
         Ok(RequestKind::Work) if load.draining => Admission::Refuse(Refusal::Draining),
         Ok(RequestKind::Work) if load.full => Admission::Refuse(Refusal::MaxInflight),
         Ok(RequestKind::Work) if !load.bytes_fit => Admission::Refuse(Refusal::MaxInflightBytes),
+        Ok(RequestKind::Work) if !load.conn_fits => Admission::Refuse(Refusal::ConnectionBytes),
+        Ok(RequestKind::Work) if !load.buffered_fits => Admission::Refuse(Refusal::BufferedBytes),
         Ok(RequestKind::Work) if load.shedding => Admission::Refuse(Refusal::Memory),
         Ok(RequestKind::Work) => Admission::Serve,
     }
 }
 
-/// What a request counts against `--max-inflight-bytes`: each body frame its bytes plus
-/// [`FRAME_OVERHEAD`].
-pub fn cost(seen: &Inspection, frames: usize) -> usize {
-    seen.body_bytes + (frames - seen.envelope_frames) * FRAME_OVERHEAD
+/// What a request counts against `--max-inflight-bytes` while it is held: every byte it keeps
+/// (the routing id, the rest of the envelope, the body) and [`FRAME_OVERHEAD`] for each of its
+/// `frames` (a `zmq_msg_t` apiece). The envelope stays in the table until the reply, so it is
+/// counted like the body.
+pub fn cost(seen: &Inspection, routing_id: usize, frames: usize) -> usize {
+    routing_id + seen.envelope_bytes + seen.body_bytes + frames * FRAME_OVERHEAD
 }
 
 impl Coordinator {
@@ -102,12 +118,20 @@ impl Coordinator {
         let now = self.now;
         self.outbox.tally.read += 1;
         self.last_read = now;
-        self.rec.request_read(seen.body_bytes);
-        let cost = cost(&seen, frames.len());
+        self.rec.request_read(seen.envelope_bytes + seen.body_bytes);
+        let cost = cost(&seen, frames[0].len(), frames.len());
+        let work = seen.verdict == Ok(RequestKind::Work);
         let load = Load {
             draining: self.clock.draining(),
             full: self.inflight.is_full(),
             bytes_fit: self.inflight.fits(cost),
+            // Only asked for work: they may measure connections.
+            conn_fits: !work
+                || origin.is_none_or(|o| {
+                    let share = self.config.max_connection_bytes as u64 / 2;
+                    self.conns.fits(o.fd, o.conn, cost as u64, share)
+                }),
+            buffered_fits: !work || self.outbox.buffered_room(&mut self.conns, cost as u64),
             shedding: self.guard.shedding(),
         };
         let admission = admit(seen.verdict, load);
@@ -125,6 +149,9 @@ impl Coordinator {
                     received: now,
                     cost,
                 };
+                if let Some(o) = origin {
+                    self.conns.hold(o.fd, o.conn, cost as u64);
+                }
                 let Ok(ticket) = self.inflight.insert(entry, now) else {
                     // Admission checked the table; unreachable, but never lose it silently.
                     log::error!("in-flight table full after the check; request dropped");
@@ -202,6 +229,8 @@ mod tests {
         draining: false,
         full: false,
         bytes_fit: true,
+        conn_fits: true,
+        buffered_fits: true,
         shedding: false,
     };
 
@@ -219,6 +248,8 @@ mod tests {
                 draining: true,
                 full: true,
                 bytes_fit: false,
+                conn_fits: false,
+                buffered_fits: false,
                 shedding: true,
             },
         ] {
@@ -254,6 +285,22 @@ mod tests {
             ),
             (
                 Load {
+                    conn_fits: false,
+                    ..IDLE
+                },
+                Refusal::ConnectionBytes,
+                ErrorCode::Overloaded,
+            ),
+            (
+                Load {
+                    buffered_fits: false,
+                    ..IDLE
+                },
+                Refusal::BufferedBytes,
+                ErrorCode::Overloaded,
+            ),
+            (
+                Load {
                     shedding: true,
                     ..IDLE
                 },
@@ -277,6 +324,8 @@ mod tests {
             draining: true,
             full: true,
             bytes_fit: false,
+            conn_fits: false,
+            buffered_fits: false,
             shedding: true,
         };
         assert_eq!(
@@ -287,12 +336,21 @@ mod tests {
     }
 
     #[test]
-    fn cost_counts_body_frames_with_their_overhead() {
+    fn cost_counts_every_byte_and_frame_held() {
         let frames: [&[u8]; 5] = [b"routing-id", b"req-7", b"", b"hello", b"!"];
         let seen = inspect(&frames, 1 << 20).expect("frames");
-        assert_eq!(cost(&seen, frames.len()), 6 + 2 * FRAME_OVERHEAD);
+        assert_eq!(
+            cost(&seen, 10, frames.len()),
+            10 + 5 + 6 + 5 * FRAME_OVERHEAD
+        );
         let bare: [&[u8]; 2] = [b"routing-id", b"x"];
         let seen = inspect(&bare, 1 << 20).expect("frames");
-        assert_eq!(cost(&seen, bare.len()), 1 + FRAME_OVERHEAD);
+        assert_eq!(cost(&seen, 10, bare.len()), 10 + 1 + 2 * FRAME_OVERHEAD);
+        // Issue 19's attack: a 1 MiB envelope frame around a 4-byte body costs its megabyte.
+        let big = vec![7u8; (1 << 20) - 100];
+        let attack: [&[u8]; 4] = [b"id", &big, b"", b"9999"];
+        let seen = inspect(&attack, 1 << 20).expect("frames");
+        assert_eq!(seen.verdict, Ok(RequestKind::Work));
+        assert!(cost(&seen, 2, attack.len()) > (1 << 20) - 100);
     }
 }

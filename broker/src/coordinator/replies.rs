@@ -14,7 +14,7 @@ use shared::socket::send_one;
 use shared::{ErrorCode, Metrics};
 use zmq::{Message, Socket};
 
-use super::inflight::Origin;
+use super::inflight::{Entry, Origin};
 use super::Coordinator;
 use crate::conns;
 use crate::lifecycle::State;
@@ -183,6 +183,7 @@ impl Outbox {
             .chain(self.body.iter())
             .map(|f| wire_size(f.len()) as u64)
             .sum::<u64>();
+        let frames = (envelope.len() + self.body.len()) as u32;
         let verdict = match origin.and_then(|o| self.over_limits(conns, o, wire)) {
             Some(reason) => Err(reason),
             None => self.hand_over(front, &mut envelope, origin),
@@ -194,7 +195,7 @@ impl Outbox {
             Ok(sent) => {
                 rec.reply_sent(sent);
                 if let Some(o) = origin {
-                    conns.reply_sent(o.fd, o.conn, wire);
+                    conns.reply_sent(o.fd, o.conn, wire, frames);
                 }
             }
             Err(reason) => self.lost(reason, 1),
@@ -236,6 +237,27 @@ impl Outbox {
         Ok(sent)
     }
 
+    /// True when all connections' unread replies and `extra` more fit in half of
+    /// `--max-buffered-bytes` (the share admission gives work; see `intake::Refusal`).
+    pub fn buffered_room(&mut self, conns: &mut conns::Table, extra: u64) -> bool {
+        self.within_budget(conns, extra, self.max_buffered_bytes / 2)
+    }
+
+    /// True when the outbound total plus `extra` is at most `limit`, measuring every
+    /// connection (at most every [`MEASURE_ALL_EVERY`]) before saying no: the total is an
+    /// estimate that only replies raise between measurements.
+    fn within_budget(&mut self, conns: &mut conns::Table, extra: u64, limit: u64) -> bool {
+        if conns.out_estimate() + extra <= limit {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= self.last_measure_all + MEASURE_ALL_EVERY {
+            self.last_measure_all = now;
+            conns.measure_outbound();
+        }
+        conns.out_estimate() + extra <= limit
+    }
+
     /// Why a reply of `wire` bytes to `origin` must be dropped, if it must.
     fn over_limits(
         &mut self,
@@ -248,16 +270,8 @@ impl Outbox {
         if held + wire > cap {
             return Some(DropReason::Hwm);
         }
-        let budget = self.max_buffered_bytes;
-        if conns.out_estimate() + wire > budget {
-            let now = Instant::now();
-            if now >= self.last_measure_all + MEASURE_ALL_EVERY {
-                self.last_measure_all = now;
-                conns.measure_outbound();
-            }
-            if conns.out_estimate() + wire > budget {
-                return Some(DropReason::Budget);
-            }
+        if !self.within_budget(conns, wire, self.max_buffered_bytes) {
+            return Some(DropReason::Budget);
         }
         None
     }
@@ -286,6 +300,21 @@ impl Coordinator {
         );
     }
 
+    /// Releases the request `ticket` names from the in-flight table and its connection's
+    /// count; `None` if it was already answered.
+    pub(super) fn release(&mut self, ticket: worker::Ticket, now: Instant) -> Option<Entry> {
+        let entry = self.inflight.remove(ticket, now)?;
+        self.release_connection(&entry);
+        Some(entry)
+    }
+
+    /// Takes `entry`'s cost off its connection's count (the table has let it go).
+    pub(super) fn release_connection(&mut self, entry: &Entry) {
+        if let Some(o) = entry.origin {
+            self.conns.release(o.fd, o.conn, entry.cost as u64);
+        }
+    }
+
     /// Sends a worker's outcome to the client that asked.
     pub(super) fn on_done(
         &mut self,
@@ -294,7 +323,7 @@ impl Coordinator {
     ) {
         let now = self.now;
         // A stale ticket (the request timed out at the drain deadline) finds no entry.
-        let Some(entry) = self.inflight.remove(ticket, now) else {
+        let Some(entry) = self.release(ticket, now) else {
             log::debug!("late reply discarded");
             return;
         };

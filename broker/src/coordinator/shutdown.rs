@@ -52,6 +52,7 @@ impl Coordinator {
         let held = self.inflight.remove_all(now);
         let timed_out = held.len();
         for entry in held {
+            self.release_connection(&entry);
             let latency = Some(now.saturating_duration_since(entry.received));
             let body = Body::refusal(ErrorCode::Timeout);
             self.answer(entry.envelope, entry.origin, body, latency);

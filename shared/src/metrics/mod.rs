@@ -197,8 +197,16 @@ impl Metrics {
                     "Seconds workers spent running requests; rate / broker_workers is utilisation.",
                 )?,
             )?,
-            received_bytes: counter(names::RECEIVED_BYTES_TOTAL, "Request body bytes read.")?,
-            sent_bytes: counter(names::SENT_BYTES_TOTAL, "Reply body bytes sent.")?,
+            received_bytes: counter(
+                names::RECEIVED_BYTES_TOTAL,
+                "Request bytes read: every frame after the routing id (envelope, deadline \
+                 header, body), without ZMTP framing; what the clients sent.",
+            )?,
+            sent_bytes: counter(
+                names::SENT_BYTES_TOTAL,
+                "Reply bytes handed to libzmq: every frame after the routing id (envelope, \
+                 status, body), without ZMTP framing; what the clients are sent.",
+            )?,
             health_checks: counter(
                 names::HEALTH_CHECKS_TOTAL,
                 "Health requests answered by the coordinator.",

@@ -24,9 +24,9 @@ pub const WORKERS_STUCK: &str = "broker_workers_stuck";
 pub const WORKER_BUSY_SECONDS_TOTAL: &str = "broker_worker_busy_seconds_total";
 /// Replies that could not be delivered, by reason.
 pub const REPLIES_DROPPED_TOTAL: &str = "broker_replies_dropped_total";
-/// Request payload bytes read (body frames only).
+/// Request bytes read, every frame after the routing id (the help text is the definition).
 pub const RECEIVED_BYTES_TOTAL: &str = "broker_received_bytes_total";
-/// Reply payload bytes sent (body frames only).
+/// Reply bytes sent, every frame after the routing id (the help text is the definition).
 pub const SENT_BYTES_TOTAL: &str = "broker_sent_bytes_total";
 /// Health requests answered by the coordinator (`broker probe`).
 pub const HEALTH_CHECKS_TOTAL: &str = "broker_health_checks_total";

@@ -1,0 +1,3 @@
+disable
+enable
+disable
