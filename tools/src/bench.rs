@@ -14,8 +14,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::StringValueParser;
 use clap::Args;
-use shared::parse::{bounded_duration, count};
+use shared::parse::{bounded_duration, count, Trimmed};
 
 use crate::curve::CurveArgs;
 use crate::load::{self, Plan};
@@ -27,33 +28,33 @@ const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 #[derive(Clone, Debug, Args)]
 pub struct BenchArgs {
     /// Broker endpoint; repeat for several. A DNS name connects to each address it resolves to.
-    #[arg(long = "endpoint", default_value = "tcp://127.0.0.1:5555")]
+    #[arg(long = "endpoint", default_value = "tcp://127.0.0.1:5555", value_parser = Trimmed(StringValueParser::new()))]
     pub endpoints: Vec<String>,
     /// Client connections.
-    #[arg(long, default_value_t = 16, value_parser = count::<1, 100_000>)]
+    #[arg(long, default_value_t = 16, value_parser = Trimmed(count::<1, 100_000>))]
     pub clients: usize,
     /// Outstanding requests per client.
-    #[arg(long, default_value_t = 16, value_parser = count::<1, 1_000_000>)]
+    #[arg(long, default_value_t = 16, value_parser = Trimmed(count::<1, 1_000_000>))]
     pub window: usize,
     /// Request body size in bytes (at least 8: the first 8 carry the request id).
-    #[arg(long, default_value_t = 64, value_parser = count::<8, 1_073_741_824>)]
+    #[arg(long, default_value_t = 64, value_parser = Trimmed(count::<8, 1_073_741_824>))]
     pub size: usize,
     /// Send for this long (also the limit with --requests).
-    #[arg(long, value_parser = parse_wait, default_value = "10s")]
+    #[arg(long, value_parser = Trimmed(parse_wait), default_value = "10s")]
     pub duration: Duration,
     /// Stop sending after this many requests in total.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = Trimmed(clap::value_parser!(u64).range(1..)))]
     pub requests: Option<u64>,
     /// Open loop: send this many requests per second in total, on schedule.
-    #[arg(long, value_parser = parse_rate)]
+    #[arg(long, value_parser = Trimmed(parse_rate))]
     pub rate: Option<f64>,
     /// Threads driving the clients.
-    #[arg(long, default_value_t = 1, value_parser = count::<1, 256>)]
+    #[arg(long, default_value_t = 1, value_parser = Trimmed(count::<1, 256>))]
     pub threads: usize,
     /// Each request's budget: sent in its deadline header (what is left of it when sent), and
     /// an OK after it counts as late. Also how long to wait for outstanding replies at the end
     /// before counting them lost.
-    #[arg(long, value_parser = parse_wait, default_value = "5s")]
+    #[arg(long, value_parser = Trimmed(parse_wait), default_value = "5s")]
     pub timeout: Duration,
     /// Send no deadline header (for a server that would take it for body: a handler behind an
     /// older broker, a bare server that is not an echo).
@@ -69,7 +70,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub raw: bool,
     /// Send this text as a frame ahead of each body: the milliseconds for the `sleep`
-    /// handler, or the rounds for `cpu`.
+    /// handler, or the rounds for `cpu`. Sent as given, white space included (it is payload).
     #[arg(long)]
     pub first_frame: Option<String>,
     /// CURVE settings, for a broker that requires them.

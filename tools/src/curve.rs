@@ -3,9 +3,11 @@
 
 use std::process::ExitCode;
 
+use clap::builder::{PathBufValueParser, StringValueParser};
 use clap::Args;
 use client::Security;
 use shared::curve::{decode_key, read_key_file, read_key_pair, KeyError};
+use shared::parse::Trimmed;
 
 /// CURVE flags that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -25,15 +27,16 @@ pub struct CurveArgs {
     #[arg(
         long,
         env = "BROKER_CURVE_SERVER_KEY",
-        conflicts_with = "curve_server_key_file"
+        conflicts_with = "curve_server_key_file",
+        value_parser = Trimmed(StringValueParser::new())
     )]
     pub curve_server_key: Option<String>,
     /// A file holding the broker's public key (a bare Z85 key or a `public-key = ` line),
     /// instead of --curve-server-key.
-    #[arg(long, env = "BROKER_CURVE_SERVER_KEY_FILE")]
+    #[arg(long, env = "BROKER_CURVE_SERVER_KEY_FILE", value_parser = Trimmed(PathBufValueParser::new()))]
     pub curve_server_key_file: Option<std::path::PathBuf>,
     /// This client's key pair, as `broker keygen` writes it.
-    #[arg(long, env = "BROKER_CURVE_KEY_FILE")]
+    #[arg(long, env = "BROKER_CURVE_KEY_FILE", value_parser = Trimmed(PathBufValueParser::new()))]
     pub curve_key_file: Option<std::path::PathBuf>,
 }
 

@@ -10,8 +10,10 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::builder::StringValueParser;
 use clap::Args;
 use client::Security;
+use shared::parse::Trimmed;
 use shared::protocol::{timeout_header, HEALTH_REQUEST, STATUS_OK};
 
 use crate::curve::CurveArgs;
@@ -34,14 +36,15 @@ pub struct ProbeArgs {
     #[arg(
         long,
         env = "BROKER_PROBE_ENDPOINT",
-        default_value = "tcp://127.0.0.1:5555"
+        default_value = "tcp://127.0.0.1:5555",
+        value_parser = Trimmed(StringValueParser::new())
     )]
     pub endpoint: String,
     /// Give up (exit 1) when no reply came within this time (more than 0, at most 1h).
-    #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = parse_timeout, default_value = "500ms")]
+    #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = Trimmed(parse_timeout), default_value = "500ms")]
     pub timeout: Duration,
     /// Probe this admin URL (e.g. http://127.0.0.1:8000/livez) instead; 2xx is healthy.
-    #[arg(long, env = "BROKER_PROBE_HTTP", value_parser = parse_http_url)]
+    #[arg(long, env = "BROKER_PROBE_HTTP", value_parser = Trimmed(parse_http_url))]
     pub http: Option<String>,
     /// CURVE settings, for a broker that requires them.
     #[command(flatten)]
@@ -332,6 +335,33 @@ mod tests {
             Err(ProbeError::Endpoint(_))
         ));
         assert!(check_endpoint("tcp://127.0.0.1:5555").is_ok());
+    }
+
+    #[test]
+    fn flag_values_are_trimmed_as_the_brokers_are() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            probe: ProbeArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "probe",
+            "--endpoint",
+            " tcp://127.0.0.1:5555\n",
+            "--timeout",
+            "\u{a0}2s ",
+            "--curve-key-file",
+            " client.key\t",
+        ])
+        .map_err(|e| e.to_string())
+        .expect("parses");
+        assert_eq!(cli.probe.endpoint, "tcp://127.0.0.1:5555");
+        assert_eq!(cli.probe.timeout, Duration::from_secs(2));
+        assert_eq!(
+            cli.probe.curve.curve_key_file,
+            Some(std::path::PathBuf::from("client.key"))
+        );
     }
 
     #[test]
