@@ -186,10 +186,11 @@ pub fn probe_zmq(
             socket.as_poll_item(zmq::POLLIN),
             monitor.as_poll_item(zmq::POLLIN),
         ];
-        let wait = if looked || seen.handshake_done() {
-            left
-        } else {
-            left.min(suspicious_at.saturating_duration_since(Instant::now()))
+        // Wake at the halfway mark to look; after it, events and the reply wake the loop.
+        let now = Instant::now();
+        let wait = match looked || now >= suspicious_at {
+            true => left,
+            false => left.min(suspicious_at - now),
         };
         match zmq::poll(&mut items, wait.as_millis() as i64) {
             Ok(_) if items[0].is_readable() => break,
