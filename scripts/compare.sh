@@ -3,49 +3,74 @@
 # (benches/c/loadgen.c, system libzmq, no code shared with the broker), in one run.
 #
 # Servers, each started fresh on free 127.0.0.1 ports and stopped with SIGTERM after its run:
-#   broker             target/release/broker --workers 2 (+ $BROKER_ARGS)
-#   broker-no-metrics  the same with BROKER_NO_METRICS=true (throughput case only)
+#   broker             target/release/broker --workers 2 (+ $BROKER_ARGS): defaults, metrics
+#                      and the memory guard on
+#   broker-no-metrics  the same with BROKER_NO_METRICS=true
 #   c-proxy            benches/c/proxy.c: ROUTER -> zmq_proxy -> inproc DEALER -> 2 REP workers
+#   c-proxy-dealer     the same with 2 plain DEALER echo workers that send back exactly what
+#                      they read (client runs --raw): the least work libzmq's pool can do
 #   router-echo        benches/c/router_echo.c: one ROUTER echoing on one thread (no hop)
 #   pyzmq-talk         scripts/talk_server.py: one pyzmq REP socket (client runs --raw)
 #   broker-curve       the broker with --curve-secret-key-file (CURVE on the front socket)
 #   c-proxy-curve      the C proxy with its front a CURVE server: libzmq's own cost of CURVE
-# (the -curve servers run in the throughput and latency cases; keys come from pyzmq, and the
-# C client connects with --curve-*-key; CURVE=0 leaves them out)
-# Cases: throughput 16x16x64 B (server CPU 1, client CPU 0), latency 1x1x64 B (both CPU 0),
-# large 4x4x64 KiB (server CPU 1, client CPU 0). Runs are interleaved: every round visits
-# every case and server (in a rotated order), so slow drift of the machine hits all alike.
-# Tables hold medians over rounds; raw results go to target/perf/compare-<stamp>.jsonl and
-# the report to target/perf/compare-<stamp>.md.
+# (keys for the -curve servers come from pyzmq; CURVE=0 leaves them out)
 #
-# Soundness checks printed with the tables:
-#   router-echo / c-proxy >= 1.5: the client can drive well past the baseline pool, so it
-#     is not what limits the numbers (else they mean nothing);
-#   broker bench / C client on router-echo >= 0.8: the project's own Rust load tool agrees.
+# Cases and pinnings (server CPU / client CPU), each case on both CPUs:
+#   throughput 16 x 16 x 64 B      1/0 and 0/1
+#   latency     1 x  1 x 64 B      0/0 and 1/1 (both on one CPU: on 2 cores, unpinned latency
+#                                  is noise)
+#   large       4 x  4 x 64 KiB    1/0 and 0/1
+# The baselines, router-echo and pyzmq-talk run on every pinning; broker-no-metrics, the
+# CURVE pair and `broker bench` on router-echo on the first pinning of a case only.
+# Runs are interleaved: every round visits every case, pinning and server (in a rotated
+# order), so slow drift of the machine hits all alike. Tables hold medians over rounds.
 #
-#   scripts/compare.sh            ROUNDS=3 SECS=5 WARMUP=1 C_THREADS=2 by default; extra
-#                                 broker flags in BROKER_ARGS (e.g. "--max-inflight 1024")
-#   ROUNDS=1 SECS=1 scripts/compare.sh
+# Per run, besides the client's figures: the server's CPU seconds per request (utime + stime
+# from /proc/PID/stat over the measured window, all threads), its context switches per request
+# (voluntary + involuntary over /proc/PID/task/*/status), per thread, and what the rest of the
+# machine ran meanwhile (busy ticks of /proc/stat less server and client), so a run taken
+# while others compiled says so. Syscalls per request come from a separate counting run per
+# case and server after the rounds (perf stat -e raw_syscalls:sys_enter --per-thread on the
+# server, COUNT_SECS long, first pinning), so counting never slows a timed run.
+#
+# The report (scripts/compare_report.py) prints per case and pinning the tables, the ratio
+# RANGE of each target of issue 23 over baselines x pinnings, and these soundness checks:
+#   router-echo / c-proxy >= 1.5 per pinning: the client can drive well past the baseline
+#     pool, so it is not what limits the numbers (else they mean nothing);
+#   broker bench / C client on router-echo >= 0.8: the project's own Rust load tool agrees;
+#   the C client's own CPU is not saturated in a run whose ratio is claimed.
+# Raw results go to target/perf/compare-<stamp>.jsonl, the report to .md, a summary to
+# -summary.json.
+#
+#   scripts/compare.sh            ROUNDS=3 SECS=5 WARMUP=1 C_THREADS=2 COUNT_SECS=2 by default;
+#                                 extra broker flags in BROKER_ARGS (e.g. "--max-inflight 1024")
+#   ROUNDS=1 SECS=1 COUNT_SECS=0 scripts/compare.sh      a smoke run (COUNT_SECS=0: no counts)
+#   BROKER_BIN=/path/to/broker scripts/compare.sh        another build (then nothing is built)
 # Exit 1 if any server lost or garbled a reply, did not start or answer, or the broker did
-# not build.
+# not build; 2 on a bad setting.
 set -euo pipefail
-set +m # no job control: servers are started with setsid, see start_server
+set +m # no job control: servers are started with setsid, see spawn_group
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-5}
 WARMUP=${WARMUP:-1}
 C_THREADS=${C_THREADS:-2} # loop threads of the C client (measured: 2 beat 1 by ~10% on one CPU)
+COUNT_SECS=${COUNT_SECS:-2}
+CURVE=${CURVE:-1}
 BROKER_ARGS=${BROKER_ARGS:-}
+for v in ROUNDS SECS WARMUP C_THREADS COUNT_SECS CURVE; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || { echo "compare: $v must be a whole number, not '${!v}'" >&2; exit 2; }
+done
+((ROUNDS >= 1 && SECS >= 1)) || { echo "compare: ROUNDS and SECS must be at least 1" >&2; exit 2; }
 OUT=target/perf
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 JSONL=$OUT/compare-$STAMP.jsonl
 MD=$OUT/compare-$STAMP.md
 LOG=$OUT/compare-$STAMP.log
 CB=target/cbench
-BIN=${BROKER_BIN:-target/release/broker} # set to compare another build (then nothing is built)
-VENV=target/tools/perf-venv
-PY=$VENV/bin/python3
+BIN=${BROKER_BIN:-target/release/broker}
 mkdir -p "$OUT"
 : >"$JSONL"
 : >"$LOG"
@@ -57,15 +82,19 @@ benches/c/build.sh
 BROKER_OK=1
 if [[ -n ${BROKER_BIN:-} ]]; then
   [[ -x $BIN ]] || { BROKER_OK=0; say "BROKER_BIN=$BIN is not an executable"; }
-elif ! cargo build --release -q -p broker 2>>"$LOG"; then
+elif ! cargo build --release --locked -q -p broker 2>>"$LOG"; then
   BROKER_OK=0
   say "BROKER DID NOT BUILD (see $LOG): its rows are skipped, exit status will be 1"
 fi
-if [[ ! -x $PY ]] || ! "$PY" -c 'import zmq' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check pyzmq
+ensure_perf_venv # pyzmq only
+PY=$PERF_PY
+if ((COUNT_SECS > 0)); then
+  ensure_tool perf linux-perf
+  if ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
+    say "perf cannot count the raw_syscalls:sys_enter tracepoint here: no syscall counts"
+    COUNT_SECS=0
+  fi
 fi
-CURVE=${CURVE:-1}
 KEYS=$(mktemp -d)
 if [[ $CURVE == 1 ]]; then
   # Server and client key pairs (Z85), made by pyzmq: nothing of the broker's is involved.
@@ -89,38 +118,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# A port below the ephemeral range (32768+), so no client connection can be holding it.
-free_port() {
-  python3 -c '
-import random, socket
-for _ in range(500):
-    p = random.randrange(20000, 32000)
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    print(p)
-    break'
-}
-
-# group_alive PGID: true while a live (non-zombie) process is in that process group.
-group_alive() { ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {f = 1} END {exit !f}'; }
-
-# stop_server: SIGTERM to the server's process group (each server runs in its own session,
-# so whatever it started goes too), SIGKILL to what is left after 15 s; sets SERVER_RC.
 stop_server() {
   [[ -n $SERVER_PID ]] || return 0
-  kill -TERM -- "-$SERVER_PID" 2>/dev/null || true
-  for _ in $(seq 150); do group_alive "$SERVER_PID" || break; sleep 0.1; done
-  if group_alive "$SERVER_PID"; then
-    say "  server group $SERVER_PID still running 15 s after SIGTERM: SIGKILL"
-    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_RC=0
-  wait "$SERVER_PID" 2>/dev/null || SERVER_RC=$?
+  stop_group "$SERVER_PID" 15 2>>"$LOG"
+  SERVER_RC=$STOPPED_RC
   SERVER_PID=
 }
 
@@ -139,132 +140,198 @@ start_server() {
       [[ $name == broker-curve ]] && SERVER_ARGV+=(--curve-secret-key-file "$KEYS/server.key")
       ;;
     c-proxy) SERVER_ARGV=("$CB/proxy" --endpoint "$ENDPOINT" --workers 2 --cpu "$cpu") ;;
+    c-proxy-dealer) SERVER_ARGV=("$CB/proxy" --endpoint "$ENDPOINT" --workers 2 --worker dealer
+      --cpu "$cpu") ;;
     c-proxy-curve) SERVER_ARGV=("$CB/proxy" --endpoint "$ENDPOINT" --workers 2 --cpu "$cpu"
       --curve-secret-key "$SERVER_SECRET") ;;
     router-echo) SERVER_ARGV=("$CB/router_echo" --endpoint "$ENDPOINT" --cpu "$cpu") ;;
     pyzmq-talk) SERVER_ARGV=(taskset -c "$cpu" "$PY" scripts/talk_server.py "$ENDPOINT") ;;
   esac
   echo "== $name: ${SERVER_ARGV[*]}" >>"$LOG"
-  # Job control is off, so the child is no group leader and setsid execs in place: the
-  # server's pid is its process group id.
-  setsid "${SERVER_ARGV[@]}" >>"$LOG" 2>&1 &
-  SERVER_PID=$!
-  local port=${ENDPOINT##*:}
-  for _ in $(seq 200); do
-    kill -0 "$SERVER_PID" 2>/dev/null || return 1
-    if [[ -n $admin ]]; then
-      [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "http://$admin/readyz" || true) == 200 ]] && return 0
-    else
-      (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-    fi
-    sleep 0.1
-  done
-  return 1
+  # env and taskset exec the server, so SERVER_PID is the server's own pid.
+  spawn_group "$LOG" "${SERVER_ARGV[@]}"
+  SERVER_PID=$SPAWNED_PID
+  if [[ -n $admin ]]; then
+    wait_http_ok "http://$admin/readyz" "$SERVER_PID" 20
+  else
+    wait_tcp "${ENDPOINT##*:}" "$SERVER_PID" 20
+  fi
 }
 
-# Samples the server's CPU over the client's measured window, into $1.
-sample_server_cpu() {
-  local file=$1 pid=$SERVER_PID
-  ticks() { sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}'; }
+# sample_server FILE CPU: two snapshots of the server (proc_snapshot) bracketing the client's
+# measured window (WARMUP, then SECS), one JSON line each, into FILE; runs on CPU (the
+# client's), in the background.
+sample_server() {
+  local file=$1 cpu=$2 pid=$SERVER_PID
   (
     sleep "$WARMUP"
-    a=$(ticks)
+    taskset -c "$cpu" bash -c ". scripts/lib.sh; proc_snapshot $pid" >"$file"
     sleep "$SECS"
-    b=$(ticks)
-    echo "${a:-} ${b:-}" >"$file"
+    taskset -c "$cpu" bash -c ". scripts/lib.sh; proc_snapshot $pid" >>"$file"
   ) &
   SAMPLER_PID=$!
 }
 
-# record ROUND CASE SERVER SERVER_CMD CLIENT_CMD CLIENT_RC SERVER_RC SERVER_CPU OUTPUT [NOTE]
+# count_syscalls FILE: perf stat's raw_syscalls:sys_enter per server thread over COUNT_SECS
+# after the warm-up, CSV into FILE, in the background.
+count_syscalls() {
+  local file=$1 pid=$SERVER_PID
+  (
+    sleep "$WARMUP"
+    perf stat -e raw_syscalls:sys_enter --per-thread -x, -o "$file" -p "$pid" -- sleep "$COUNT_SECS" \
+      >/dev/null 2>>"$LOG" || true
+  ) &
+  SAMPLER_PID=$!
+}
+
+# record: one JSON line from the named values below (strings; "measures" is a file holding
+# the sampler's output, "out" the client's).
 record() {
   python3 - "$@" >>"$JSONL" <<'EOF'
 import json, sys
-rnd, case, server, scmd, ccmd, crc, src, scpu, out = sys.argv[1:10]
-note = sys.argv[10] if len(sys.argv) > 10 else ""
-try:
-    result = json.loads(out) if out.strip() else None
-except ValueError:
-    result = None
-print(json.dumps({
-    "round": int(rnd), "case": case, "server": server, "server_cmd": scmd,
-    "client_cmd": ccmd, "client_rc": int(crc) if crc else None,
-    "server_rc": int(src) if src else None,
-    "server_cpu_ratio": float(scpu) if scpu else None, "note": note or None,
-    "result": result, "raw_output": None if result is not None else out[-2000:],
-}))
+
+a = dict(arg.split("=", 1) for arg in sys.argv[1:])
+def load(text):
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
+out = a.get("out", "")
+result = load(out)
+row = {
+    "round": int(a["round"]), "mode": a["mode"], "case": a["case"], "pin": a["pin"],
+    "server": a["server"], "server_cmd": a.get("scmd", ""), "client_cmd": a.get("ccmd", ""),
+    "client_rc": int(a["crc"]) if a.get("crc") else None,
+    "server_rc": int(a["src"]) if a.get("src") else None,
+    "note": a.get("note") or None, "result": result,
+    "raw_output": None if result is not None else out[-2000:],
+}
+m = a.get("measures")
+if m:
+    text = open(m).read()
+    if a["mode"] == "count":
+        threads = {}
+        for line in text.splitlines():
+            parts = line.split(",")
+            # perf stat -x, --per-thread: "comm-tid,count,unit,event,..."
+            if len(parts) > 3 and parts[3].startswith("raw_syscalls:sys_enter"):
+                name = parts[0].rsplit("-", 1)[0]
+                if parts[1].isdigit():
+                    threads[name] = threads.get(name, 0) + int(parts[1])
+        row["syscalls_by_thread"] = threads or None
+        row["syscalls"] = sum(threads.values()) if threads else None
+        row["count_s"] = float(a["count_s"])
+    else:
+        snaps = [load(l) for l in text.splitlines() if l.strip()]
+        row["snapshots"] = snaps if len(snaps) == 2 and all(snaps) else None
+        row["window_s"] = float(a["window_s"])
+        row["clk_tck"] = int(a["clk_tck"])
+print(json.dumps(row))
 EOF
 }
 
 # ---- cases ---------------------------------------------------------------------------
-# name: server_cpu client_cpu clients window size servers...
-declare -A CASE=(
-  [throughput]="1 0 16 16 64 broker broker-no-metrics c-proxy router-echo pyzmq-talk broker-bench-on-router-echo"
-  [latency]="0 0 1 1 64 broker c-proxy router-echo pyzmq-talk"
-  [large]="1 0 4 4 65536 broker c-proxy router-echo"
+# Load per case (clients window size), pinnings (server/client CPU), the servers run on every
+# pinning, and those run on the first pinning only.
+declare -A LOAD=([throughput]="16 16 64" [latency]="1 1 64" [large]="4 4 65536")
+declare -A PINS=([throughput]="1/0 0/1" [latency]="0/0 1/1" [large]="1/0 0/1")
+declare -A EVERY=(
+  [throughput]="broker c-proxy c-proxy-dealer router-echo pyzmq-talk"
+  [latency]="broker c-proxy c-proxy-dealer router-echo pyzmq-talk"
+  [large]="broker c-proxy c-proxy-dealer router-echo"
 )
-CASES=(throughput latency large)
+declare -A FIRST=([throughput]="broker-no-metrics broker-bench-on-router-echo" [latency]="" [large]="")
 if [[ $CURVE == 1 ]]; then
-  CASE[throughput]+=" broker-curve c-proxy-curve"
-  CASE[latency]+=" broker-curve c-proxy-curve"
+  FIRST[throughput]+=" broker-curve c-proxy-curve"
+  FIRST[latency]+=" broker-curve c-proxy-curve"
 fi
+CASES=(throughput latency large)
 CLK_TCK=$(getconf CLK_TCK)
 
-# run_one ROUND CASE SERVER
+# run_one ROUND MODE CASE PIN SERVER: one server started, loaded, stopped; MODE "timed"
+# (ROUNDS of SECS) or "count" (the syscall count, COUNT_SECS).
 run_one() {
-  local round=$1 case=$2 server=$3
-  local spec
-  read -ra spec <<<"${CASE[$case]}"
-  local scpu=${spec[0]} ccpu=${spec[1]} clients=${spec[2]} window=${spec[3]} size=${spec[4]}
-  local target=$server client_argv out crc=0 cpufile cpu_ratio='' a='' b=''
+  local round=$1 mode=$2 case=$3 pin=$4 server=$5
+  local clients window size scpu=${pin%/*} ccpu=${pin#*/} secs=$SECS
+  read -r clients window size <<<"${LOAD[$case]}"
+  [[ $mode == count ]] && secs=$COUNT_SECS
+  local target=$server client_argv out crc=0 measures
+  local base=(round="$round" mode="$mode" case="$case" pin="$pin" server="$server")
   if [[ $server == broker* && $BROKER_OK == 0 ]]; then
-    record "$round" "$case" "$server" "" "" "" "" "" "" "skipped: the broker did not build"
+    record "${base[@]}" note="skipped: the broker did not build"
     return
   fi
   [[ $server == broker-bench-on-router-echo ]] && target=router-echo
-  say "round $round/$ROUNDS $case: $server"
+  say "round $round/$ROUNDS $mode $case $pin: $server"
   SERVER_RC=
   if ! start_server "$target" "$scpu"; then
     stop_server
-    record "$round" "$case" "$server" "${SERVER_ARGV[*]}" "" "" "$SERVER_RC" "" "" "server did not become ready"
+    record "${base[@]}" scmd="${SERVER_ARGV[*]}" src="$SERVER_RC" note="server did not become ready"
     say "  $server did not become ready (see $LOG)"
     return
   fi
+  measures=$(mktemp)
   if [[ $server == broker-bench-on-router-echo ]]; then
     client_argv=(taskset -c "$ccpu" "$BIN" bench --endpoint "$ENDPOINT" --clients "$clients"
-      --window "$window" --size "$size" --duration "${SECS}s" --threads 2 --json)
-    out=$(timeout $((SECS + 30)) "${client_argv[@]}" 2>>"$LOG") || crc=$?
+      --window "$window" --size "$size" --duration "${secs}s" --threads 2 --json)
   else
     client_argv=("$CB/loadgen" --endpoint "$ENDPOINT" --clients "$clients" --window "$window"
-      --size "$size" --duration "$SECS" --warmup "$WARMUP" --threads "$C_THREADS" --cpu "$ccpu")
-    [[ $server == pyzmq-talk ]] && client_argv+=(--raw)
+      --size "$size" --duration "$secs" --warmup "$WARMUP" --threads "$C_THREADS" --cpu "$ccpu"
+      --drain 10) # a reply is lost only after 10 s: a stalled VM is not a lost reply
+    [[ $server == pyzmq-talk || $server == c-proxy-dealer ]] && client_argv+=(--raw)
     [[ $server == *-curve ]] && client_argv+=(--curve-server-key "$SERVER_PUBLIC"
       --curve-public-key "$CLIENT_PUBLIC" --curve-secret-key "$CLIENT_SECRET")
-    cpufile=$(mktemp)
-    sample_server_cpu "$cpufile"
-    out=$("${client_argv[@]}" 2>>"$LOG") || crc=$?
+    if [[ $mode == count ]]; then
+      count_syscalls "$measures"
+    else
+      sample_server "$measures" "$ccpu"
+    fi
+  fi
+  out=$(timeout $((WARMUP + secs + 40)) "${client_argv[@]}" 2>>"$LOG") || crc=$?
+  if [[ -n $SAMPLER_PID ]]; then
     wait "$SAMPLER_PID" 2>/dev/null || true
     SAMPLER_PID=
-    read -r a b <"$cpufile" || true
-    rm -f "$cpufile"
-    [[ -n ${a:-} && -n ${b:-} ]] && cpu_ratio=$(awk -v a="$a" -v b="$b" -v t="$CLK_TCK" -v s="$SECS" 'BEGIN{printf "%.3f", (b-a)/t/s}')
   fi
   stop_server
-  record "$round" "$case" "$server" "${SERVER_ARGV[*]}" "${client_argv[*]}" "$crc" "$SERVER_RC" "$cpu_ratio" "$out"
+  record "${base[@]}" scmd="${SERVER_ARGV[*]}" ccmd="${client_argv[*]}" crc="$crc" \
+    src="$SERVER_RC" out="$out" measures="$measures" window_s="$secs" count_s="$secs" \
+    clk_tck="$CLK_TCK"
+  rm -f "$measures"
   [[ $crc == 0 ]] || say "  client exit $crc for $server (see $JSONL)"
 }
 
+# The runs of one case in a round: (pinning, server) pairs, rotated by the round number.
+case_runs() {
+  local case=$1 round=$2 first=1 pin s runs=()
+  for pin in ${PINS[$case]}; do
+    for s in ${EVERY[$case]}; do runs+=("$pin $s"); done
+    if ((first)); then
+      for s in ${FIRST[$case]}; do runs+=("$pin $s"); done
+    fi
+    first=0
+  done
+  local n=${#runs[@]} i
+  for ((i = 0; i < n; i++)); do echo "${runs[$(((i + round - 1) % n))]}"; done
+}
+
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+STARTED=$(date -u +%H:%M)
 for round in $(seq "$ROUNDS"); do
   for case in "${CASES[@]}"; do
-    read -ra spec <<<"${CASE[$case]}"
-    servers=("${spec[@]:5}")
-    n=${#servers[@]}
-    for i in $(seq 0 $((n - 1))); do # rotate the order each round
-      run_one "$round" "$case" "${servers[$(((i + round - 1) % n))]}"
-    done
+    while read -r pin server; do
+      run_one "$round" timed "$case" "$pin" "$server"
+    done < <(case_runs "$case" "$round")
   done
 done
+if ((COUNT_SECS > 0)); then
+  for case in "${CASES[@]}"; do
+    pin=${PINS[$case]%% *}
+    for server in ${EVERY[$case]} ${FIRST[$case]}; do
+      [[ $server == broker-bench-on-router-echo ]] && continue
+      run_one 1 count "$case" "$pin" "$server"
+    done
+  done
+fi
 
 # ---- report --------------------------------------------------------------------------
 {
@@ -272,184 +339,14 @@ done
   echo
   echo "Machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1), kernel $(uname -r)," \
     "libzmq $(dpkg-query -W -f='${Version}' libzmq5 2>/dev/null || echo '?') (C programs)"
-  echo "Load average before the runs: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "Rounds: $ROUNDS x ${SECS}s (+${WARMUP}s warm-up, not measured); medians over rounds."
+  echo "Runs from $STARTED to $(date -u +%H:%M) UTC. Load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "Rounds: $ROUNDS x ${SECS}s (+${WARMUP}s warm-up, not measured); medians over rounds." \
+    "Syscall counts: $( ((COUNT_SECS > 0)) && echo "one ${COUNT_SECS}s run per case and server (perf stat -e raw_syscalls:sys_enter)" || echo "not taken")."
   echo "Raw results: $JSONL; server logs: $LOG"
   echo
 } >"$MD"
 set +e
-python3 - "$JSONL" "$BROKER_OK" "$CURVE" >>"$MD" <<'EOF'
-import json, statistics, sys
-
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-broker_ok = sys.argv[2] == "1"
-curve = ["broker-curve", "c-proxy-curve"] if sys.argv[3] == "1" else []
-failed = []  # (case, server, why) that make the exit status 1
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def fmt(x, spec="{:.0f}"):
-    return "n/a" if x is None else spec.format(x)
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-groups = {}
-for r in rows:
-    groups.setdefault((r["case"], r["server"]), []).append(r)
-
-
-def summary(case, server):
-    runs = [r for r in groups.get((case, server), []) if not (r.get("note") or "").startswith("skipped")]
-    skipped = len(groups.get((case, server), [])) - len(runs)
-    ok = [r for r in runs if r["result"] is not None]
-    res = [r["result"] for r in ok]
-    errors = {}
-    for x in res:
-        for code, n in (x.get("errors") or {}).items():
-            errors[code] = errors.get(code, 0) + n
-    lat = lambda k: med(x.get("latency_us", {}).get(k) for x in res)
-    s = {
-        "runs": len(runs), "measured": len(res), "skipped": skipped,
-        "rps": med(x.get("throughput_rps") for x in res),
-        "rps_runs": [round(x.get("throughput_rps") or 0) for x in res],
-        "p50": lat("p50"), "p99": lat("p99"), "p999": lat("p999"),
-        "errors": errors,
-        "lost": sum(x.get("lost") or 0 for x in res),
-        "mismatched": sum(x.get("mismatched") or 0 for x in res),
-        "client_cpu": med(x.get("client_cpu_ratio") for x in res),
-        "client_cpus": med(x.get("client_cpus") for x in res),
-        "server_cpu": med(r.get("server_cpu_ratio") for r in ok),
-        "notes": sorted({r["note"] for r in groups.get((case, server), []) if r.get("note")}),
-        "bad_exit": sorted({r["server_rc"] for r in runs if r.get("server_rc") not in (None, 0)}),
-    }
-    return s
-
-
-CASES = {
-    "throughput": ("Throughput: 16 clients x 16 window x 64 B, server CPU 1, client CPU 0",
-                   ["broker", "broker-no-metrics", "c-proxy", "router-echo", "pyzmq-talk"] + curve),
-    "latency": ("Latency: 1 client x 1 window x 64 B, server and client both on CPU 0",
-                ["broker", "c-proxy", "router-echo", "pyzmq-talk"] + curve),
-    "large": ("Large: 4 clients x 4 window x 65536 B, server CPU 1, client CPU 0",
-              ["broker", "c-proxy", "router-echo"]),
-}
-S = {}
-for case, (title, servers) in CASES.items():
-    base = summary(case, "c-proxy")
-    print(f"## {title}\n")
-    if case == "latency":
-        print("| server | p50 µs | p99 µs | p99.9 µs | p50 / c-proxy | p99 / c-proxy | req/s "
-              "| errors | lost | mismatched | client CPU | server CPU |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    else:
-        print("| server | req/s | / c-proxy | p50 µs | p99 µs | errors | lost | mismatched "
-              "| client CPU | server CPU | runs req/s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for server in servers:
-        s = summary(case, server)
-        S[(case, server)] = s
-        if s["runs"] + s["skipped"] == 0:
-            continue
-        why = []
-        if s["measured"] < s["runs"]:
-            why.append(f"{s['runs'] - s['measured']} of {s['runs']} runs gave no result")
-        if s["lost"] or s["mismatched"]:
-            why.append(f"{s['lost']} lost, {s['mismatched']} mismatched")
-        if why:
-            failed.append((case, server, "; ".join(why)))
-        errs = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "0"
-        ccpu = "n/a" if s["client_cpu"] is None else f"{s['client_cpu']:.2f}/{s['client_cpus']:.0f}"
-        if s["client_cpu"] is not None and s["client_cpus"] and s["client_cpu"] >= 0.95 * s["client_cpus"] and case != "latency":
-            ccpu += " (saturated)"
-        scpu = fmt(s["server_cpu"], "{:.2f}")
-        name = server + (f" ({'; '.join(s['notes'])})" if s["notes"] else "")
-        if case == "latency":
-            print(f"| {name} | {fmt(s['p50'], '{:.1f}')} | {fmt(s['p99'], '{:.1f}')} "
-                  f"| {fmt(s['p999'], '{:.1f}')} | {fmt(ratio(s['p50'], base['p50']), '{:.2f}')} "
-                  f"| {fmt(ratio(s['p99'], base['p99']), '{:.2f}')} | {fmt(s['rps'])} | {errs} "
-                  f"| {s['lost']} | {s['mismatched']} | {ccpu} | {scpu} |")
-        else:
-            print(f"| {name} | {fmt(s['rps'])} | {fmt(ratio(s['rps'], base['rps']), '{:.2f}')} "
-                  f"| {fmt(s['p50'], '{:.1f}')} | {fmt(s['p99'], '{:.1f}')} | {errs} | {s['lost']} "
-                  f"| {s['mismatched']} | {ccpu} | {scpu} | {s['rps_runs']} |")
-    print()
-
-print("CPU columns: CPU seconds per wall second over the measured window (client: of the CPUs it "
-      "may use). A client at its limit means that row measures the client, not the server.\n")
-
-print("## Checks\n")
-echo = S.get(("throughput", "router-echo"), {}).get("rps")
-proxy = S.get(("throughput", "c-proxy"), {}).get("rps")
-h = ratio(echo, proxy)
-e = S.get(("throughput", "router-echo"), {})
-print(f"    harness check: router-echo / c-proxy = {fmt(h, '{:.2f}')} (>= 1.5 required)")
-print(f"      (on router-echo the client used {fmt(e.get('client_cpu'), '{:.2f}')} of its CPU, "
-      f"the server {fmt(e.get('server_cpu'), '{:.2f}')} of its)")
-if (e.get("client_cpu") or 0) < 0.85 and (e.get("server_cpu") or 0) < 0.85:
-    print("    !!! neither side of router-echo used its CPU: something else is running on these "
-          "CPUs (see top); rerun on a quiet machine")
-if h is None or h < 1.5:
-    print("\n    !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!")
-    print("    !!! HARNESS CHECK FAILED: the load client is the bottleneck (or a baseline    !!!")
-    print("    !!! failed), so the ratios above mean nothing. Do not quote them.            !!!")
-    print("    !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n")
-
-bench_runs = groups.get(("throughput", "broker-bench-on-router-echo"), [])
-bench = [r["result"] for r in bench_runs
-         if r["result"] is not None and r.get("client_rc") == 0 and "throughput_rps" in r["result"]]
-b = med(x["throughput_rps"] for x in bench) if bench else None
-br = ratio(b, echo)
-extra = ""
-if b is None:
-    why = sorted({r.get("note") or f"exit {r.get('client_rc')}" for r in bench_runs}) or ["not run"]
-    extra = f"  (broker bench failed: {', '.join(map(str, why))}; command in {sys.argv[1]})"
-else:
-    p50 = med(x.get("latency_us", {}).get("p50") for x in bench)
-    p99 = med(x.get("latency_us", {}).get("p99") for x in bench)
-    extra = f"  (broker bench {b:.0f} req/s, p50 {fmt(p50, '{}')} µs, p99 {fmt(p99, '{}')} µs)"
-print(f"    broker bench / C client on router-echo = {fmt(br, '{:.2f}')} (>= 0.8 required){extra}")
-if br is not None and br < 0.8:
-    print("    !!! the broker's own load tool is well below the C client: its numbers understate")
-
-bm = S.get(("throughput", "broker"), {}).get("rps")
-bn = S.get(("throughput", "broker-no-metrics"), {}).get("rps")
-cost = (1 - bm / bn) * 100 if bm is not None and bn else None
-print(f"    metrics cost = {fmt(cost, '{:.1f}')} % (1 - broker/broker-no-metrics)")
-if curve:
-    for plain in ("broker", "c-proxy"):
-        t = ratio(S.get(("throughput", plain + "-curve"), {}).get("rps"), S.get(("throughput", plain), {}).get("rps"))
-        l = ratio(S.get(("latency", plain + "-curve"), {}).get("p50"), S.get(("latency", plain), {}).get("p50"))
-        print(f"    CURVE cost, {plain}: throughput x{fmt(t, '{:.2f}')}, p50 latency x{fmt(l, '{:.2f}')} "
-              f"({plain}-curve / {plain})")
-for (case, server), s in sorted(S.items()):
-    if s.get("bad_exit"):
-        print(f"    note: {server} ({case}) exited with {s['bad_exit']} after SIGTERM")
-print()
-
-print("## Commands (round 1; ports differ per run)\n")
-for r in rows:
-    if r["round"] == 1 and (r["server_cmd"] or r["client_cmd"]):
-        print(f"- {r['case']} / {r['server']}:")
-        print(f"  - server: `{r['server_cmd']}`")
-        print(f"  - client: `{r['client_cmd']}`")
-print()
-
-if not broker_ok:
-    failed.append(("all", "broker", "did not build"))
-if failed:
-    print("## FAILED\n")
-    for case, server, why in failed:
-        print(f"- {case} / {server}: {why}")
-    print()
-sys.exit(1 if failed else 0)
-EOF
+python3 scripts/compare_report.py "$JSONL" --broker-ok "$BROKER_OK" --summary "${JSONL%.jsonl}-summary.json" >>"$MD"
 status=$?
 set -e
 cat "$MD"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the C benchmark programs (load client, libzmq proxy pool, ROUTER echo) into
-# target/cbench/ against the system libzmq; installs libzmq3-dev first if its header is
-# missing. Used by scripts/compare.sh; safe to run again (rebuilds only what changed).
+# Builds the C benchmark programs (load client, open-loop overload client, libzmq proxy pool,
+# ROUTER echo) into target/cbench/ against the system libzmq; installs libzmq3-dev first if
+# its header is missing. Used by scripts/compare.sh and scripts/perf.sh; safe to run again
+# (rebuilds only what changed, common.h included).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ ! -f /usr/include/zmq.h ]]; then
@@ -11,9 +12,9 @@ if [[ ! -f /usr/include/zmq.h ]]; then
 fi
 out=target/cbench
 mkdir -p "$out"
-for prog in loadgen proxy router_echo; do
+for prog in loadgen overload proxy router_echo; do
   src=benches/c/$prog.c
-  if [[ ! -x $out/$prog || $src -nt $out/$prog ]]; then
-    gcc -O2 -Wall -Wextra -Werror -o "$out/$prog" "$src" -lzmq -lpthread
+  if [[ ! -x $out/$prog || $src -nt $out/$prog || benches/c/common.h -nt $out/$prog ]]; then
+    gcc -O2 -Wall -Wextra -Werror -o "$out/$prog" "$src" -lzmq -lpthread -lm
   fi
 done

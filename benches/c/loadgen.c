@@ -8,6 +8,7 @@
  *
  *   loadgen --endpoint tcp://127.0.0.1:5555 --clients 16 --window 16 --size 64 \
  *           --duration 5 --warmup 1 --threads 2 --cpu 0 [--raw] [--drain 2]
+ *           [--requests N]
  *           [--curve-server-key Z85 --curve-public-key Z85 --curve-secret-key Z85]
  *
  * Clients are spread over --threads loop threads, each with its own libzmq context (one
@@ -16,43 +17,29 @@
  * and waits up to --drain seconds for what is outstanding, which is counted lost after
  * that. client_cpu_ratio (process CPU seconds per wall second over the measured window)
  * near client_cpus means the client, not the server, set the pace.
+ *
+ * --requests N sends exactly N requests in all and ends once they are answered (--duration
+ * then only bounds the run): a fixed count, so that counts taken on the server (callgrind's
+ * instructions, perf's syscalls) divide into per-request figures. --warmup-requests M first
+ * sends M on the same connections and waits for all of them, prints "loadgen: warmed up" on
+ * stderr and pauses --pause seconds with nothing in flight (when a profiler zeroes its
+ * counters); only the N are reported.
  */
-#define _GNU_SOURCE
-#include <errno.h>
+#include "common.h"
+
 #include <malloc.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#include <stdatomic.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
-#include <time.h>
 #include <unistd.h>
-#include <zmq.h>
 
 /* ---- clocks ---------------------------------------------------------------------- */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t thread_cpu_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_until(uint64_t deadline)
-{
-    struct timespec ts = {(time_t)(deadline / 1000000000u), (long)(deadline % 1000000000u)};
-    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
-    }
 }
 
 static double rusage_s(void)
@@ -63,76 +50,6 @@ static double rusage_s(void)
            (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
-/* ---- latency histogram --------------------------------------------------------------
- * HDR-style log-linear buckets over nanoseconds: exact below 128 ns, then 64 linear
- * sub-buckets per power of two (at most 1/64 = 1.6 % wide), up to 60 s. Recording is an
- * index computation and an increment, so it costs nothing next to a round trip. */
-
-#define HIST_SUB_BITS 6
-#define HIST_SUB (1u << HIST_SUB_BITS)
-#define HIST_MAX_NS 60000000000ull
-#define HIST_BUCKETS 2048
-
-typedef struct {
-    uint64_t counts[HIST_BUCKETS];
-    uint64_t total;
-    uint64_t max;
-} hist_t;
-
-static unsigned hist_index(uint64_t v)
-{
-    if (v > HIST_MAX_NS)
-        v = HIST_MAX_NS;
-    int msb = 63 - __builtin_clzll(v | 1);
-    int e = msb > HIST_SUB_BITS ? msb - HIST_SUB_BITS : 0;
-    return (unsigned)(HIST_SUB * (unsigned)e + (unsigned)(v >> e));
-}
-
-/* The highest value a bucket stands for (HdrHistogram's "highest equivalent value"). */
-static uint64_t hist_high(unsigned idx)
-{
-    if (idx < 2 * HIST_SUB)
-        return idx;
-    unsigned e = (idx >> HIST_SUB_BITS) - 1;
-    uint64_t m = idx - HIST_SUB * e;
-    return ((m + 1) << e) - 1;
-}
-
-static void hist_record(hist_t *h, uint64_t v)
-{
-    h->counts[hist_index(v)]++;
-    h->total++;
-    if (v > h->max)
-        h->max = v;
-}
-
-static void hist_merge(hist_t *into, const hist_t *from)
-{
-    for (unsigned i = 0; i < HIST_BUCKETS; i++)
-        into->counts[i] += from->counts[i];
-    into->total += from->total;
-    if (from->max > into->max)
-        into->max = from->max;
-}
-
-static double hist_percentile_us(const hist_t *h, double p)
-{
-    if (h->total == 0)
-        return 0;
-    uint64_t rank = (uint64_t)(p / 100.0 * (double)h->total + 0.999999);
-    if (rank < 1)
-        rank = 1;
-    uint64_t seen = 0;
-    for (unsigned i = 0; i < HIST_BUCKETS; i++) {
-        seen += h->counts[i];
-        if (seen >= rank) {
-            uint64_t v = hist_high(i);
-            return (double)(v < h->max ? v : h->max) / 1000.0;
-        }
-    }
-    return (double)h->max / 1000.0;
-}
-
 /* ---- configuration ------------------------------------------------------------------ */
 
 typedef struct {
@@ -140,13 +57,16 @@ typedef struct {
     int clients, window, threads, raw;
     size_t size;
     double duration, warmup, drain;
+    uint64_t requests; /* --requests: send this many in all, then stop (0: for --duration) */
+    uint64_t warmup_requests; /* --warmup-requests: a separate, uncounted phase first */
+    double pause;             /* --pause: seconds between that phase and the measured one */
     const char *cpu;
     /* CURVE (Z85 text): the server's public key and this client's pair; all or none. */
     const char *curve_server, *curve_public, *curve_secret;
 } config_t;
 
-static config_t cfg = {"tcp://127.0.0.1:5555", 16, 16, 1, 0, 64, 5.0, 1.0, 2.0, NULL,
-                       NULL, NULL, NULL};
+static config_t cfg = {"tcp://127.0.0.1:5555", 16, 16, 1, 0, 64, 5.0, 1.0, 2.0, 0, 0, 0,
+                       NULL, NULL, NULL, NULL};
 
 /* Time bounds shared by all threads, fixed before they start. */
 static uint64_t t_start, t_warm, t_end, t_drain_end;
@@ -220,13 +140,6 @@ typedef struct {
     slot_t *slots;
 } client_t;
 
-#define MAX_CODES 16
-#define CODE_LEN 48
-typedef struct {
-    char code[CODE_LEN];
-    uint64_t n;
-} code_count_t;
-
 typedef struct {
     int id;
     pthread_t tid;
@@ -240,27 +153,12 @@ typedef struct {
     int ncodes;
     uint64_t cpu_at_warm, cpu_at_end;
     uint64_t waits; /* blocking epoll_waits: many means the client often had nothing to do */
+    uint64_t quota; /* with --requests: how many this thread sends in all (0: no limit) */
     int setup_failed;
 } worker_t;
 
-static void count_code(worker_t *w, const void *data, size_t len)
-{
-    if (len >= CODE_LEN)
-        len = CODE_LEN - 1;
-    for (int i = 0; i < w->ncodes; i++)
-        if (strlen(w->codes[i].code) == len && memcmp(w->codes[i].code, data, len) == 0) {
-            w->codes[i].n++;
-            return;
-        }
-    code_count_t *c = w->ncodes < MAX_CODES ? &w->codes[w->ncodes++] : &w->codes[MAX_CODES];
-    if (c->code[0] == 0) {
-        if (c == &w->codes[MAX_CODES])
-            strcpy(c->code, "(other)");
-        else
-            memcpy(c->code, data, len);
-    }
-    c->n++;
-}
+/* Loop threads that have finished: with --requests the run ends when all have. */
+static atomic_int threads_done;
 
 /* Sends one request on a free slot. Returns 1 if sent, 0 if the socket would block. */
 static int send_one(worker_t *w, client_t *c)
@@ -389,7 +287,7 @@ static int drain_replies(worker_t *w, client_t *c, zmq_msg_t *f)
             w->err_total++;
             if (in_window) {
                 w->err_window++;
-                count_code(w, zmq_msg_data(&f[3]), zmq_msg_size(&f[3]));
+                add_code(w->codes, &w->ncodes, zmq_msg_data(&f[3]), zmq_msg_size(&f[3]), 1);
             }
         } else {
             w->bad_status++;
@@ -401,7 +299,7 @@ static int drain_replies(worker_t *w, client_t *c, zmq_msg_t *f)
 static int fill_window(worker_t *w, client_t *c)
 {
     int sent = 0;
-    while (c->nfree > 0) {
+    while (c->nfree > 0 && (!w->quota || w->sent < w->quota)) {
         if (!send_one(w, c)) {
             c->blocked = 1;
             break;
@@ -451,7 +349,7 @@ static void *worker_main(void *arg)
             warm_seen = 1;
             w->cpu_at_warm = thread_cpu_ns();
         }
-        if (!draining && now >= t_end) {
+        if (!draining && (now >= t_end || (w->quota && w->sent >= w->quota))) {
             draining = 1;
             w->cpu_at_end = thread_cpu_ns();
         }
@@ -520,77 +418,47 @@ static void *worker_main(void *arg)
         zmq_msg_close(&frames[i]);
     close(ep);
     free(events);
+    atomic_fetch_add(&threads_done, 1);
     return NULL;
 }
 
 /* ---- setup and report --------------------------------------------------------------- */
 
-static void usage(void)
-{
-    fprintf(stderr,
-            "usage: loadgen [--endpoint E] [--clients N] [--window W] [--size BYTES]\n"
-            "               [--duration S] [--warmup S] [--drain S] [--threads T]\n"
-            "               [--cpu LIST] [--raw]\n"
-            "               [--curve-server-key Z85 --curve-public-key Z85 --curve-secret-key Z85]\n");
-    exit(2);
-}
-
-static int pin_to(const char *list)
-{
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    char *copy = strdup(list), *save = NULL;
-    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        char *end;
-        long cpu = strtol(tok, &end, 10);
-        if (*end || cpu < 0 || cpu >= CPU_SETSIZE) {
-            free(copy);
-            return -1;
-        }
-        CPU_SET((int)cpu, &set);
-    }
-    free(copy);
-    return sched_setaffinity(0, sizeof set, &set);
-}
-
-static double num_arg(const char *s)
-{
-    char *end;
-    double v = strtod(s, &end);
-    if (*end == 's' && end[1] == 0)
-        end++; /* accept "5s" as well as "5" */
-    if (*end || v < 0)
-        usage();
-    return v;
-}
+static const char USAGE[] =
+    "usage: loadgen [--endpoint E] [--clients N] [--window W] [--size BYTES]\n"
+    "               [--duration S] [--warmup S] [--drain S] [--threads T]\n"
+    "               [--requests N [--warmup-requests M] [--pause S]] [--cpu LIST] [--raw]\n"
+    "               [--curve-server-key Z85 --curve-public-key Z85 --curve-secret-key Z85]\n";
 
 static void parse_args(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--raw")) {
+    static const char *const switches[] = {"--raw", NULL};
+    const char *a, *v;
+    for (int i = 0; (a = next_flag(argc, argv, &i, switches, &v, USAGE));) {
+        if (!strcmp(a, "--raw"))
             cfg.raw = 1;
-            continue;
-        }
-        if (i + 1 >= argc)
-            usage();
-        const char *v = argv[++i];
-        if (!strcmp(a, "--endpoint"))
+        else if (!strcmp(a, "--endpoint"))
             cfg.endpoint = v;
         else if (!strcmp(a, "--clients"))
-            cfg.clients = (int)num_arg(v);
+            cfg.clients = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--window"))
-            cfg.window = (int)num_arg(v);
+            cfg.window = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--size"))
-            cfg.size = (size_t)num_arg(v);
+            cfg.size = (size_t)number_arg(v, USAGE);
         else if (!strcmp(a, "--duration"))
-            cfg.duration = num_arg(v);
+            cfg.duration = number_arg(v, USAGE);
         else if (!strcmp(a, "--warmup"))
-            cfg.warmup = num_arg(v);
+            cfg.warmup = number_arg(v, USAGE);
         else if (!strcmp(a, "--drain"))
-            cfg.drain = num_arg(v);
+            cfg.drain = number_arg(v, USAGE);
+        else if (!strcmp(a, "--requests"))
+            cfg.requests = (uint64_t)number_arg(v, USAGE);
+        else if (!strcmp(a, "--warmup-requests"))
+            cfg.warmup_requests = (uint64_t)number_arg(v, USAGE);
+        else if (!strcmp(a, "--pause"))
+            cfg.pause = number_arg(v, USAGE);
         else if (!strcmp(a, "--threads"))
-            cfg.threads = (int)num_arg(v);
+            cfg.threads = (int)number_arg(v, USAGE);
         else if (!strcmp(a, "--cpu"))
             cfg.cpu = v;
         else if (!strcmp(a, "--curve-server-key"))
@@ -600,16 +468,70 @@ static void parse_args(int argc, char **argv)
         else if (!strcmp(a, "--curve-secret-key"))
             cfg.curve_secret = v;
         else
-            usage();
+            usage_exit(USAGE);
     }
     if (cfg.clients < 1 || cfg.clients > 65535 || cfg.window < 1 || cfg.window > 65535 ||
         cfg.threads < 1 || cfg.duration <= 0)
-        usage();
+        usage_exit(USAGE);
+    if ((cfg.warmup_requests || cfg.pause) && !cfg.requests)
+        usage_exit(USAGE);
     if (cfg.threads > cfg.clients)
         cfg.threads = cfg.clients;
+    /* Every thread sends at least one request of a counted phase (a quota of 0 means none). */
+    if (cfg.requests && (uint64_t)cfg.threads > cfg.requests)
+        cfg.threads = (int)cfg.requests;
+    if (cfg.warmup_requests && (uint64_t)cfg.threads > cfg.warmup_requests)
+        cfg.threads = (int)cfg.warmup_requests;
     int curve = !!cfg.curve_server + !!cfg.curve_public + !!cfg.curve_secret;
     if (curve != 0 && curve != 3)
-        usage();
+        usage_exit(USAGE);
+}
+
+/* Zeroes what a phase counts (the sockets and their slots carry over). */
+static void reset_counts(worker_t *w)
+{
+    memset(&w->hist, 0, sizeof w->hist);
+    w->sent = w->ok_total = w->ok_window = w->err_total = w->err_window = 0;
+    w->bad_reqid = w->bad_frames = w->bad_status = w->bad_body = w->lost = w->send_fail = 0;
+    memset(w->codes, 0, sizeof w->codes);
+    w->ncodes = 0;
+    w->cpu_at_warm = w->cpu_at_end = w->waits = 0;
+}
+
+/* One phase of load: `requests` in all (0: for --duration), `warmup` s not counted. Sets the
+ * process CPU and the clock at the start and end of the measured window. */
+static int run_phase(worker_t *ws, uint64_t requests, double warmup, double *cpu0,
+                     double *cpu1, uint64_t *w0, uint64_t *w1)
+{
+    atomic_store(&threads_done, 0);
+    t_start = now_ns();
+    t_warm = t_start + (uint64_t)(warmup * 1e9);
+    t_end = t_warm + (uint64_t)(cfg.duration * 1e9);
+    t_drain_end = t_end + (uint64_t)(cfg.drain * 1e9);
+    for (int t = 0; t < cfg.threads; t++) {
+        /* The count split over the threads, the remainder to the first ones (parse_args
+         * keeps every share above 0, which would mean no limit). */
+        ws[t].quota = requests ? requests / (uint64_t)cfg.threads +
+                                     ((uint64_t)t < requests % (uint64_t)cfg.threads)
+                               : 0;
+        if (pthread_create(&ws[t].tid, NULL, worker_main, &ws[t]) != 0) {
+            fprintf(stderr, "loadgen: pthread_create failed\n");
+            return 2;
+        }
+    }
+    /* The process CPU over the measured window, including libzmq's I/O threads. */
+    sleep_until(t_warm);
+    *cpu0 = rusage_s();
+    *w0 = now_ns();
+    /* Until the end of the window, or (with a request count) until every thread is done. */
+    for (uint64_t t = now_ns(); t < t_end && atomic_load(&threads_done) < cfg.threads;
+         t = now_ns())
+        sleep_until(t + 10000000u < t_end ? t + 10000000u : t_end);
+    *cpu1 = rusage_s();
+    *w1 = now_ns();
+    for (int t = 0; t < cfg.threads; t++)
+        pthread_join(ws[t].tid, NULL);
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -676,24 +598,29 @@ int main(int argc, char **argv)
         }
     }
 
-    t_start = now_ns();
-    t_warm = t_start + (uint64_t)(cfg.warmup * 1e9);
-    t_end = t_warm + (uint64_t)(cfg.duration * 1e9);
-    t_drain_end = t_end + (uint64_t)(cfg.drain * 1e9);
-    for (int t = 0; t < cfg.threads; t++)
-        if (pthread_create(&ws[t].tid, NULL, worker_main, &ws[t]) != 0) {
-            fprintf(stderr, "loadgen: pthread_create failed\n");
+    uint64_t warm_lost = 0, warm_mismatched = 0;
+    if (cfg.warmup_requests) {
+        /* A warm-up of its own, fully answered, then a pause with nothing in flight: a
+         * profiler can zero its counters in the pause, and the measured phase then holds
+         * exactly --requests requests on connections already made. */
+        double c0, c1;
+        uint64_t t0, t1;
+        if (run_phase(ws, cfg.warmup_requests, 0.0, &c0, &c1, &t0, &t1) != 0)
             return 2;
+        for (int t = 0; t < cfg.threads; t++) {
+            worker_t *w = &ws[t];
+            warm_lost += w->lost;
+            warm_mismatched += w->bad_reqid + w->bad_frames + w->bad_status + w->bad_body;
+            reset_counts(w);
         }
-    /* The process CPU over the measured window, including libzmq's I/O threads. */
-    sleep_until(t_warm);
-    double cpu0 = rusage_s();
-    uint64_t w0 = now_ns();
-    sleep_until(t_end);
-    double cpu1 = rusage_s();
-    uint64_t w1 = now_ns();
-    for (int t = 0; t < cfg.threads; t++)
-        pthread_join(ws[t].tid, NULL);
+        fprintf(stderr, "loadgen: warmed up with %llu requests; pausing %g s\n",
+                (unsigned long long)cfg.warmup_requests, cfg.pause);
+        sleep_until(now_ns() + (uint64_t)(cfg.pause * 1e9));
+    }
+    double cpu0, cpu1;
+    uint64_t w0, w1;
+    if (run_phase(ws, cfg.requests, cfg.warmup, &cpu0, &cpu1, &w0, &w1) != 0)
+        return 2;
     for (int t = 0; t < cfg.threads; t++) {
         for (int i = 0; i < ws[t].nclients; i++)
             zmq_close(ws[t].clients[i].sock);
@@ -702,7 +629,7 @@ int main(int argc, char **argv)
 
     hist_t *h = calloc(1, sizeof *h);
     worker_t sum = {0};
-    code_count_t *codes = calloc((size_t)cfg.threads * (MAX_CODES + 1), sizeof *codes);
+    code_count_t *codes = calloc(MAX_CODES + 1, sizeof *codes);
     int ncodes = 0;
     if (!h || !codes) {
         perror("loadgen: calloc");
@@ -722,26 +649,17 @@ int main(int argc, char **argv)
         sum.bad_frames += w->bad_frames;
         sum.bad_status += w->bad_status;
         sum.bad_body += w->bad_body;
-        sum.lost += w->lost;
+        sum.lost += w->lost + (t == 0 ? warm_lost : 0);
         sum.send_fail += w->send_fail;
         sum.waits += w->waits;
         setup_failed |= w->setup_failed;
         if (w->cpu_at_end > w->cpu_at_warm && w->cpu_at_warm)
             loop_cpu += (double)(w->cpu_at_end - w->cpu_at_warm) / 1e9;
-        for (int k = 0; k <= MAX_CODES; k++) {
-            if (!w->codes[k].n)
-                continue;
-            int j = 0;
-            while (j < ncodes && strcmp(codes[j].code, w->codes[k].code))
-                j++;
-            if (j == ncodes)
-                codes[ncodes++] = w->codes[k];
-            else
-                codes[j].n += w->codes[k].n;
-        }
+        merge_codes(codes, &ncodes, w->codes);
     }
     double window_s = (double)(w1 - w0) / 1e9;
-    uint64_t mismatched = sum.bad_reqid + sum.bad_frames + sum.bad_status + sum.bad_body;
+    uint64_t mismatched =
+        sum.bad_reqid + sum.bad_frames + sum.bad_status + sum.bad_body + warm_mismatched;
     int ncpu = 0;
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0)
@@ -752,22 +670,13 @@ int main(int argc, char **argv)
            "\"raw\":%s,\"cpu\":\"%s\",",
            cfg.endpoint, cfg.clients, cfg.window, cfg.size, cfg.duration, cfg.warmup,
            cfg.drain, cfg.threads, cfg.raw ? "true" : "false", cfg.cpu ? cfg.cpu : "");
-    printf("\"throughput_rps\":%.1f,\"answered_rps\":%.1f,\"ok\":%llu,\"errors\":{",
-           (double)sum.ok_window / window_s,
+    printf("\"requests\":%llu,\"throughput_rps\":%.1f,\"answered_rps\":%.1f,\"ok\":%llu,"
+           "\"errors\":",
+           (unsigned long long)cfg.requests, (double)sum.ok_window / window_s,
            (double)(sum.ok_window + sum.err_window) / window_s,
            (unsigned long long)sum.ok_window);
-    for (int j = 0; j < ncodes; j++) {
-        printf("%s\"", j ? "," : "");
-        for (const char *p = codes[j].code; *p; p++) /* codes are data: escape them */
-            if (*p == '"' || *p == '\\')
-                printf("\\%c", *p);
-            else if ((unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e)
-                printf("?");
-            else
-                putchar(*p);
-        printf("\":%llu", (unsigned long long)codes[j].n);
-    }
-    printf("},\"errors_total\":%llu,\"ok_total\":%llu,\"sent\":%llu,\"mismatched\":%llu,"
+    print_codes_json(codes, ncodes);
+    printf(",\"errors_total\":%llu,\"ok_total\":%llu,\"sent\":%llu,\"mismatched\":%llu,"
            "\"mismatch_detail\":{\"unknown_reqid\":%llu,\"bad_frames\":%llu,"
            "\"bad_status\":%llu,\"bad_body\":%llu},\"lost\":%llu,\"send_failures\":%llu,",
            (unsigned long long)sum.err_total, (unsigned long long)sum.ok_total,
@@ -775,11 +684,9 @@ int main(int argc, char **argv)
            (unsigned long long)sum.bad_reqid, (unsigned long long)sum.bad_frames,
            (unsigned long long)sum.bad_status, (unsigned long long)sum.bad_body,
            (unsigned long long)sum.lost, (unsigned long long)sum.send_fail);
-    printf("\"latency_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"p999\":%.1f,"
-           "\"max\":%.1f,\"count\":%llu},",
-           hist_percentile_us(h, 50), hist_percentile_us(h, 90), hist_percentile_us(h, 99),
-           hist_percentile_us(h, 99.9), (double)h->max / 1000.0,
-           (unsigned long long)h->total);
+    printf("\"latency_us\":");
+    hist_print_json(h);
+    putchar(',');
     /* client_cpu_ratio: process CPU seconds per wall second over the measured window;
      * near client_cpus means the client, not the server, set the pace. loop_cpu_ratio is
      * the part spent in the loop threads (the rest is libzmq's I/O threads). */

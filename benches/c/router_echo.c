@@ -7,93 +7,30 @@
  *   router_echo --endpoint tcp://127.0.0.1:5555 [--cpu N] [--io-threads N]
  * Runs until SIGTERM or SIGINT, then exits 0.
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <pthread.h>
-#include <sched.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <zmq.h>
+#include "common.h"
 
 #define MAX_FRAMES 64
 
-static void usage(void)
-{
-    fprintf(stderr, "usage: router_echo --endpoint E [--cpu LIST] [--io-threads N]\n");
-    exit(2);
-}
-
-static int pin_to(const char *list)
-{
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    char *copy = strdup(list), *save = NULL;
-    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        char *end;
-        long cpu = strtol(tok, &end, 10);
-        if (*end || cpu < 0 || cpu >= CPU_SETSIZE) {
-            free(copy);
-            return -1;
-        }
-        CPU_SET((int)cpu, &set);
-    }
-    free(copy);
-    return sched_setaffinity(0, sizeof set, &set);
-}
-
-/* The signal thread: SIGTERM/SIGINT become a context shutdown, which makes the blocked
- * receive in the echo loop return ETERM. */
-static sigset_t stop_signals;
-static void *signal_thread(void *ctx)
-{
-    int sig;
-    sigwait(&stop_signals, &sig);
-    zmq_ctx_shutdown(ctx);
-    return NULL;
-}
+static const char USAGE[] = "usage: router_echo --endpoint E [--cpu LIST] [--io-threads N]\n";
 
 int main(int argc, char **argv)
 {
-    const char *endpoint = NULL, *cpu = NULL;
-    int io_threads = 1;
-    for (int i = 1; i < argc; i += 2) {
-        if (i + 1 >= argc)
-            usage();
-        if (!strcmp(argv[i], "--endpoint"))
-            endpoint = argv[i + 1];
-        else if (!strcmp(argv[i], "--cpu"))
-            cpu = argv[i + 1];
-        else if (!strcmp(argv[i], "--io-threads"))
-            io_threads = atoi(argv[i + 1]);
-        else
-            usage();
-    }
-    if (!endpoint || io_threads < 1)
-        usage();
-    /* Pin and block the stop signals before any thread exists, so every thread (libzmq's
-     * I/O threads too) inherits both. */
-    if (cpu && pin_to(cpu) != 0) {
-        fprintf(stderr, "router_echo: cannot pin to CPU %s\n", cpu);
-        return 2;
-    }
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
-
-    void *ctx = zmq_ctx_new();
-    zmq_ctx_set(ctx, ZMQ_IO_THREADS, io_threads);
+    server_flags_t flags = {NULL, NULL, 1};
+    const char *a, *v;
+    for (int i = 0; (a = next_flag(argc, argv, &i, NULL, &v, USAGE));)
+        if (!server_flag(&flags, a, v, USAGE))
+            usage_exit(USAGE);
+    void *ctx = server_context(&flags, "router_echo", USAGE);
     void *sock = zmq_socket(ctx, ZMQ_ROUTER);
     int zero = 0;
     zmq_setsockopt(sock, ZMQ_LINGER, &zero, sizeof zero);
-    if (zmq_bind(sock, endpoint) != 0) {
-        fprintf(stderr, "router_echo: bind %s: %s\n", endpoint, zmq_strerror(errno));
+    if (zmq_bind(sock, flags.endpoint) != 0) {
+        fprintf(stderr, "router_echo: bind %s: %s\n", flags.endpoint, zmq_strerror(errno));
         return 2;
     }
     pthread_t sig_tid;
-    pthread_create(&sig_tid, NULL, signal_thread, ctx);
+    start_stop_thread(&sig_tid, ctx);
+    pthread_setname_np(sig_tid, "signals");
 
     zmq_msg_t f[MAX_FRAMES];
     for (int i = 0; i < MAX_FRAMES; i++)
@@ -130,7 +67,7 @@ out:
     if (errno != ETERM) {
         fprintf(stderr, "router_echo: %s\n", zmq_strerror(errno));
         rc = 1;
-        pthread_kill(sig_tid, SIGTERM); /* wake the signal thread so it can be joined */
+        end_stop_thread(sig_tid);
     }
     pthread_join(sig_tid, NULL);
     for (int i = 0; i < MAX_FRAMES; i++)

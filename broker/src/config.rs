@@ -45,6 +45,10 @@ pub mod defaults {
     pub const SHUTDOWN_DELAY: &str = "0s";
     /// `--drain-timeout`
     pub const DRAIN_TIMEOUT: &str = "10s";
+    /// `--queue-target` (chosen from measurements: docs/architecture.md, "Overload")
+    pub const QUEUE_TARGET: &str = "20ms";
+    /// `--queue-interval`
+    pub const QUEUE_INTERVAL: &str = "100ms";
     /// `--stuck-after`
     pub const STUCK_AFTER: &str = "30s";
     /// `--cpu-rounds`
@@ -66,6 +70,9 @@ pub mod limits {
 
     /// Longest `--shutdown-delay`, `--drain-timeout`, `--max-sleep`, `--stall-timeout`.
     pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+    /// Shortest `--queue-target` and `--queue-interval`: below a millisecond, scheduling noise
+    /// alone would make a queue look standing and shed healthy requests.
+    pub const MIN_QUEUE_TIME: Duration = Duration::from_millis(1);
     /// Longest `--stuck-after`.
     pub const MAX_STUCK_AFTER: Duration = Duration::from_secs(86_400);
     /// Most `--workers`: each is a thread with its own stack (2 MiB of address space); a
@@ -222,6 +229,16 @@ pub struct ServeArgs {
     /// Longest wait for in-flight requests once draining; then `ERR timeout` (at most 1h).
     #[arg(long, env = "BROKER_DRAIN_TIMEOUT", value_parser = Trimmed(parse_positive_wait), default_value = defaults::DRAIN_TIMEOUT)]
     pub drain_timeout: Duration,
+    /// Longest a request may wait for a worker once a queue stands (it has not drained for
+    /// --queue-interval): older ones are not started, and new ones whose predicted wait is
+    /// longer are refused at once (`ERR overloaded`). Raised to two mean service times for slow
+    /// handlers. 1ms to 1h.
+    #[arg(long, env = "BROKER_QUEUE_TARGET", value_parser = Trimmed(parse_queue_time), default_value = defaults::QUEUE_TARGET)]
+    pub queue_target: Duration,
+    /// A queue that has not drained for this long is standing; while it keeps draining,
+    /// nothing is refused for queue time. At least the target. 1ms to 1h.
+    #[arg(long, env = "BROKER_QUEUE_INTERVAL", value_parser = Trimmed(parse_queue_time), default_value = defaults::QUEUE_INTERVAL)]
+    pub queue_interval: Duration,
     /// /livez fails when the pipeline makes no progress for this long (at most 24h).
     #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = Trimmed(parse_stuck_after), default_value = defaults::STUCK_AFTER)]
     pub stuck_after: Duration,
@@ -371,6 +388,14 @@ fn parse_patience(text: &str) -> Result<Duration, String> {
     at_least_a_second(bounded_duration(text, limits::MAX_WAIT, true)?)
 }
 
+fn parse_queue_time(text: &str) -> Result<Duration, String> {
+    let d = bounded_duration(text, limits::MAX_WAIT, true)?;
+    if d < limits::MIN_QUEUE_TIME {
+        return Err("must be at least 1ms".into());
+    }
+    Ok(d)
+}
+
 fn at_least_a_second(d: Duration) -> Result<Duration, String> {
     if d < limits::MIN_PATIENCE {
         return Err("must be at least 1s".into());
@@ -470,6 +495,10 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// Drain deadline.
     pub drain_timeout: Duration,
+    /// Queue-wait target (before it follows the service time).
+    pub queue_target: Duration,
+    /// How long a queue must go undrained to be standing.
+    pub queue_interval: Duration,
     /// Liveness threshold.
     pub stuck_after: Duration,
     /// Front socket linger at exit.
@@ -634,6 +663,8 @@ impl Config {
             memory_limit,
             shutdown_delay: args.shutdown_delay,
             drain_timeout: args.drain_timeout,
+            queue_target: args.queue_target,
+            queue_interval: args.queue_interval,
             stuck_after: args.stuck_after,
             metrics: !args.no_metrics,
             allow_from: args.allow_from,
@@ -729,6 +760,13 @@ mod tests {
             assert!(args(&[flag, "1h"]).is_ok(), "{flag}");
         }
         assert!(args(&["--drain-timeout", "0s"]).is_err());
+        for flag in ["--queue-target", "--queue-interval"] {
+            assert!(args(&[flag, "0s"]).is_err(), "{flag}");
+            assert!(args(&[flag, "999us"]).is_err(), "{flag}");
+            assert!(args(&[flag, "2h"]).is_err(), "{flag}");
+            assert!(args(&[flag, "1ms"]).is_ok(), "{flag}");
+            assert!(args(&[flag, "1h"]).is_ok(), "{flag}");
+        }
         assert!(args(&["--stuck-after", "25h"]).is_err());
     }
 

@@ -449,7 +449,9 @@ impl Table {
         else {
             return true;
         };
-        let room = cap.saturating_sub(inflight.saturating_add(cost));
+        let Some(room) = cap.checked_sub(inflight.saturating_add(cost)) else {
+            return false;
+        };
         self.held_out(zmq_fd, id, room)
             .is_none_or(|held| held <= room)
     }
@@ -623,6 +625,7 @@ mod tests {
         assert!(table.fits(fd, id, 1000, held + 1000));
         table.hold(fd, id, 1000);
         assert!(!table.fits(fd, id, 1, held + 1000), "full");
+
         assert!(
             table.fits(fd, id + 1, 1, 0),
             "another connection's id is not bounded here"
@@ -637,6 +640,25 @@ mod tests {
         drop(client);
         let closed = table.disconnected(fd).expect("tracked");
         assert_eq!(closed.undelivered, 1);
+    }
+
+    #[test]
+    fn requests_in_flight_alone_can_fill_a_connections_bound() {
+        let (listener, _client, server) = pair();
+        let port = listener.local_addr().expect("addr").port();
+        let mut table = Table::new(10, Some(port), Arc::new(Registry::default()));
+        let fd = server.as_raw_fd();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
+            panic!("tracked");
+        };
+        // Nothing unread, but requests held up to the bound: no more fits.
+        assert!(table.fits(fd, id, 1000, 1000));
+        table.hold(fd, id, 1000);
+        assert!(!table.fits(fd, id, 1, 1000));
+        assert!(!table.fits(fd, id, u64::MAX, 1000), "no overflow");
+        table.release(fd, id, 1000);
+        assert!(table.fits(fd, id, 1000, 1000));
     }
 
     fn registry_conn(table: &Table, fd: RawFd) -> Arc<Conn> {

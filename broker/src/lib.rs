@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod conns;
 pub mod coordinator;
+pub mod demand;
 pub mod guard;
 pub mod lifecycle;
 pub mod signals;
@@ -208,8 +209,13 @@ impl Broker {
         let mut metrics = Metrics::new(VERSION)?;
         metrics.set_enabled(config.metrics);
         metrics.set_workers(config.workers);
-        let metrics = Arc::new(metrics);
+        metrics.set_memory_limit(config.memory_limit);
         let activity = Arc::new(Activity::new(config.workers));
+        let demand = Arc::new(demand::Demand::new(Arc::clone(&activity)));
+        metrics
+            .registry()
+            .register(Box::new(demand::DemandCollector::new(Arc::clone(&demand))?))?;
+        let metrics = Arc::new(metrics);
         let status = Arc::new(Status::new(config.stuck_after, Arc::clone(&activity)));
 
         // One context, for the front socket, its monitor and the ZAP handler (workers use
@@ -279,6 +285,10 @@ impl Broker {
         // --max-inflight slots up front).
         let (jobs, jobs_rx) = crossbeam_channel::unbounded();
         let (events_tx, events) = crossbeam_channel::unbounded();
+        let queue = Arc::new(worker::QueueState::new(
+            config.queue_target,
+            config.queue_interval,
+        ));
         let waker = Arc::new(worker::Waker::new().map_err(Error::Guard)?);
         let pool = Pool {
             jobs: jobs_rx.clone(),
@@ -286,6 +296,7 @@ impl Broker {
             waker: Arc::clone(&waker),
             metrics: Arc::clone(&metrics),
             activity: Arc::clone(&activity),
+            queue: Arc::clone(&queue),
             max_reply_bytes: config.max_reply_bytes,
         };
         // This thread becomes the coordinator; the workers inherit the policy from it. libzmq's
@@ -332,6 +343,8 @@ impl Broker {
                 events,
                 waker,
                 activity,
+                queue,
+                demand,
             },
             conns,
             Arc::clone(&status),

@@ -302,11 +302,13 @@ fn dropped_replies_are_counted_by_reason() {
     eventually("peer_gone drop counted", EVENT_TIMEOUT, || {
         Scrape::take(&broker).get("broker_replies_dropped_total{reason=peer_gone}") == 1.0
     });
-    // A client that never reads its replies.
+    // A client that never reads its replies. Once half its --max-connection-bytes is held,
+    // its requests are refused (work is not done for replies it cannot be sent); the
+    // refusals then fill the rest, and those beyond it are dropped.
     let ctx = zmq::Context::new();
     let deaf = common::deaf_client(&ctx, &broker.front);
     let payload = [b"0".to_vec(), vec![7u8; 16 * 1024]];
-    for _ in 0..4000 {
+    for _ in 0..12_000 {
         deaf.send_multipart(&payload, 0).expect("send");
     }
     eventually("hwm drops counted", EVENT_TIMEOUT, || {

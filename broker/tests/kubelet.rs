@@ -417,11 +417,11 @@ fn only_sustained_shedding_takes_the_pod_out_of_its_services() {
     // 85 % of 100 MiB is 85 MiB: the process at rest (about 9 MiB) plus some 76 requests of
     // 1 MiB held (the in-flight byte limit raised to let them in). Shedding stops new work and
     // ends below 75 %, once about 10 are answered: the two workers answer one each per 4 s, so
-    // shedding lasts some 20 s, past three probe periods (5 s). Three requests per connection
-    // keep each connection under --max-connection-bytes (4 MiB) both ways.
+    // shedding lasts some 20 s, past three probe periods (5 s). Two requests per connection
+    // keep each within the half of --max-connection-bytes (4 MiB) that admission gives work.
     const LIMIT: &str = "100MiB";
-    const CONNECTIONS: usize = 30;
-    const PER_CONNECTION: usize = 3;
+    const CONNECTIONS: usize = 45;
+    const PER_CONNECTION: usize = 2;
     let pod = production_pod();
     let (zmq_host, admin_host) = (free_port(), free_port());
     let remap = HashMap::from([

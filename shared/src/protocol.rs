@@ -85,17 +85,21 @@ pub enum ErrorCode {
     Timeout,
     /// The handler panicked or reported an internal failure.
     HandlerFailed,
+    /// The request's deadline (its `\x00broker.timeout-ms=N` header) passed before a worker
+    /// could start it, or was sure to, or the handler gave up at it.
+    DeadlineExceeded,
 }
 
 impl ErrorCode {
     /// Every code, in a fixed order (metric label pre-registration walks this).
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 7] = [
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::Overloaded,
         ErrorCode::Draining,
         ErrorCode::Timeout,
         ErrorCode::HandlerFailed,
+        ErrorCode::DeadlineExceeded,
     ];
 
     /// The code frame as it travels on the wire, also the metric label.
@@ -107,6 +111,7 @@ impl ErrorCode {
             ErrorCode::Draining => "draining",
             ErrorCode::Timeout => "timeout",
             ErrorCode::HandlerFailed => "handler_failed",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
@@ -161,15 +166,20 @@ pub struct Inspection {
     /// than [`MAX_ENVELOPE_FRAMES`] frames, or more than the byte limit besides the routing id)
     /// is not echoed: the `ERR too_large` reply goes to the routing id alone.
     pub echo_envelope: bool,
-    /// Bytes of the body frames.
+    /// Bytes of the body frames (the deadline header excluded).
     pub body_bytes: usize,
+    /// The deadline header's frame, if the request has one: the first frame after the
+    /// envelope, stripped before the handler sees the body.
+    pub header: bool,
+    /// The client's budget from its deadline header, if it sent a well-formed one.
+    pub timeout: Option<Duration>,
     /// Bytes of the envelope frames but the routing id.
     pub envelope_bytes: usize,
     /// Wire bytes of every frame but the routing id ([`wire_size`]): what the client sent.
     pub wire_bytes: usize,
     /// The request's verdict: the envelope's and body's bytes (the routing id excepted) count
-    /// toward the byte limit; an empty body is a bad request; a body of exactly
-    /// [`HEALTH_REQUEST`] is a health check.
+    /// toward the byte limit; a malformed deadline header or an empty body is a bad request; a
+    /// body of exactly [`HEALTH_REQUEST`] is a health check.
     pub verdict: Result<RequestKind, ErrorCode>,
 }
 
@@ -190,20 +200,28 @@ pub fn inspect<F: Deref<Target = [u8]>>(frames: &[F], max_bytes: usize) -> Optio
         }
     }
     // Without a delimiter the envelope is the routing id alone and every frame is body.
-    let (envelope_frames, envelope_bytes, body_bytes) = match delimiter {
+    let (envelope_frames, envelope_bytes, mut body_bytes) = match delimiter {
         Some(i) => (i + 2, before, after),
         None => (1, 0, before),
     };
+    let parsed = frames
+        .get(envelope_frames)
+        .and_then(|first| parse_timeout_header(first));
+    let header = parsed.is_some();
+    if header {
+        body_bytes -= frames[envelope_frames].len();
+    }
+    let body_start = envelope_frames + usize::from(header);
     let echo_envelope = envelope_frames <= MAX_ENVELOPE_FRAMES && envelope_bytes <= max_bytes;
     let verdict = if !echo_envelope
         || frames.len() > MAX_FRAMES
         || body_bytes.saturating_add(envelope_bytes) > max_bytes
     {
         Err(ErrorCode::TooLarge)
-    } else if body_bytes == 0 {
-        // No frames, or only empty ones: nothing to work on.
+    } else if matches!(parsed, Some(Err(_))) || body_bytes == 0 {
+        // A header that is not one, or no frames (only empty ones): nothing to work on.
         Err(ErrorCode::BadRequest)
-    } else if frames.len() == envelope_frames + 1 && &*frames[envelope_frames] == HEALTH_REQUEST {
+    } else if frames.len() == body_start + 1 && &*frames[body_start] == HEALTH_REQUEST {
         Ok(RequestKind::Health)
     } else {
         Ok(RequestKind::Work)
@@ -212,6 +230,8 @@ pub fn inspect<F: Deref<Target = [u8]>>(frames: &[F], max_bytes: usize) -> Optio
         envelope_frames,
         echo_envelope,
         body_bytes,
+        header,
+        timeout: parsed.and_then(Result::ok),
         envelope_bytes,
         wire_bytes: wire,
         verdict,
@@ -340,6 +360,8 @@ mod tests {
                 envelope_frames: 3,
                 echo_envelope: true,
                 body_bytes: 5,
+                header: false,
+                timeout: None,
                 envelope_bytes: 5,
                 wire_bytes: 7 + 2 + 7,
                 verdict: Ok(RequestKind::Work),
@@ -383,6 +405,33 @@ mod tests {
         assert_eq!(verdict(&frames, 1000), Some(Ok(RequestKind::Work)));
         frames.push(b"x");
         assert_eq!(verdict(&frames, 1000), Some(Err(ErrorCode::TooLarge)));
+    }
+
+    #[test]
+    fn inspect_reads_and_checks_the_deadline_header() {
+        let header = timeout_header(Duration::from_millis(250));
+        let frames: [&[u8]; 4] = [b"id", b"", &header, b"work"];
+        let seen = inspect(&frames, 100).expect("frames");
+        assert_eq!(seen.envelope_frames, 2);
+        assert!(seen.header);
+        assert_eq!(seen.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(seen.body_bytes, 4, "the header is not body");
+        assert_eq!(seen.verdict, Ok(RequestKind::Work));
+        // Without a delimiter too; and in front of a health request.
+        let bare = inspect(&[&b"id"[..], &header, b"x"], 100).expect("frames");
+        assert_eq!((bare.header, bare.body_bytes), (true, 1));
+        let health = inspect(&[&b"id"[..], &header, HEALTH_REQUEST], 100).expect("frames");
+        assert_eq!(health.verdict, Ok(RequestKind::Health));
+        // A header alone is an empty request; a malformed one is a bad request.
+        let alone = inspect(&[&b"id"[..], &header], 100).expect("frames");
+        assert_eq!(alone.verdict, Err(ErrorCode::BadRequest));
+        let bad = inspect(&[&b"id"[..], b"\x00broker.timeout-ms=soon", b"x"], 100).expect("frames");
+        assert_eq!((bad.header, bad.timeout), (true, None));
+        assert_eq!(bad.verdict, Err(ErrorCode::BadRequest));
+        // Only the first frame after the envelope is a header.
+        let later = inspect(&[&b"id"[..], b"x", &header], 100).expect("frames");
+        assert_eq!((later.header, later.timeout), (false, None));
+        assert_eq!(later.verdict, Ok(RequestKind::Work));
     }
 
     #[test]

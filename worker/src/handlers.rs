@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::{Frame, Handler, HandlerError};
+use crate::{Context, Frame, Handler, HandlerError};
 
 /// Replies with the request body, unchanged and uncopied.
 #[derive(Clone, Copy, Debug, Default)]
@@ -25,12 +25,36 @@ pub struct Sleep {
 
 impl Handler for Sleep {
     fn handle(&mut self, request: Vec<Frame>) -> Result<Vec<Frame>, HandlerError> {
+        self.handle_with(request, &Context::default())
+    }
+
+    /// Sleeps no longer than the client waits: with a deadline closer than the sleep asked
+    /// for, it sleeps until the deadline and answers `ERR deadline_exceeded`, as a handler
+    /// that watches its budget would.
+    fn handle_with(
+        &mut self,
+        request: Vec<Frame>,
+        context: &Context,
+    ) -> Result<Vec<Frame>, HandlerError> {
         let millis = parse_ascii_u64(request.first().map(|f| &f[..]).unwrap_or_default())
             .ok_or_else(|| {
                 HandlerError::bad_request("sleep: first frame must be milliseconds in ASCII digits")
             })?;
-        std::thread::sleep(Duration::from_millis(millis).min(self.max));
-        Ok(request)
+        let asked = Duration::from_millis(millis).min(self.max);
+        match context.time_left() {
+            Some(left) if left < asked => {
+                std::thread::sleep(left);
+                Err(HandlerError::deadline_exceeded(format!(
+                    "sleep: the deadline came {} ms into a {} ms sleep",
+                    left.as_millis(),
+                    asked.as_millis()
+                )))
+            }
+            _ => {
+                std::thread::sleep(asked);
+                Ok(request)
+            }
+        }
     }
 }
 
@@ -118,6 +142,23 @@ mod tests {
             let err = sleep.handle(frames(&[bad])).expect_err("bad input");
             assert_eq!(err.code, shared::ErrorCode::BadRequest);
         }
+    }
+
+    #[test]
+    fn sleep_stops_at_the_deadline() {
+        let mut sleep = Sleep {
+            max: Duration::from_secs(10),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_millis(20);
+        let err = sleep
+            .handle_with(frames(&[b"5000"]), &Context::new(Some(deadline)))
+            .expect_err("the deadline comes first");
+        assert_eq!(err.code, shared::ErrorCode::DeadlineExceeded);
+        let later = std::time::Instant::now() + Duration::from_secs(10);
+        let reply = sleep
+            .handle_with(frames(&[b"1", b"x"]), &Context::new(Some(later)))
+            .expect("time enough");
+        assert_eq!(&reply[1][..], b"x");
     }
 
     #[test]

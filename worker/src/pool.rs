@@ -17,7 +17,8 @@ use shared::metrics::Recorder;
 use shared::protocol::MAX_FRAMES;
 use shared::Metrics;
 
-use crate::{Frame, Handler, HandlerError};
+use crate::queue::{should_shed, QueueState};
+use crate::{Context, Frame, Handler, HandlerError};
 
 /// Starting a worker failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +34,15 @@ pub enum Error {
 }
 
 /// What each worker is doing, readable from any thread without locks: the liveness check
-/// reads it to tell a busy pool from a wedged one.
+/// reads it to tell a busy pool from a wedged one, and the autoscaling signal how long the
+/// pool has been busy.
 #[derive(Debug)]
 pub struct Activity {
     epoch: Instant,
     // Per worker: 0 when idle, else 1 + the millisecond (since `epoch`) its request started.
     busy_since: Box<[AtomicU64]>,
+    // Per worker: nanoseconds spent in finished requests.
+    finished_ns: Box<[AtomicU64]>,
 }
 
 impl Activity {
@@ -47,6 +51,7 @@ impl Activity {
         Activity {
             epoch: Instant::now(),
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            finished_ns: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -58,8 +63,24 @@ impl Activity {
         self.busy_since[index].store(self.now_mark(), Ordering::Relaxed);
     }
 
-    fn end(&self, index: usize) {
+    fn end(&self, index: usize, busy: Duration) {
+        // Counted before the request stops showing as running: a reader in between counts it
+        // twice for a moment, never not at all.
+        let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
+        self.finished_ns[index].fetch_add(nanos, Ordering::Relaxed);
         self.busy_since[index].store(0, Ordering::Relaxed);
+    }
+
+    /// Seconds the workers have spent in handlers, the requests running now included (to the
+    /// millisecond).
+    pub fn busy_seconds(&self) -> f64 {
+        let finished: u64 = self
+            .finished_ns
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum();
+        let running: Duration = self.busy_for().flatten().sum();
+        finished as f64 / 1e9 + running.as_secs_f64()
     }
 
     /// True while worker `index` is inside its handler.
@@ -102,15 +123,36 @@ pub struct Ticket {
     pub generation: u32,
 }
 
-/// A request for a worker: the coordinator's ticket for it, when it was read, and its body.
+/// A request for a worker: the coordinator's ticket for it, when it was read, its deadline and
+/// its body.
 #[derive(Debug)]
 pub struct Job {
     /// Names the request in the coordinator's table.
     pub ticket: Ticket,
-    /// When the coordinator read it (for the queue-wait metric).
+    /// When the coordinator read it (for the queue wait).
     pub received: Instant,
+    /// When its client stops waiting, if it said: it is not started after that.
+    pub deadline: Option<Instant>,
     /// The request body.
     pub body: Vec<Frame>,
+}
+
+/// Why a worker did not start a request it took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shed {
+    /// It waited past the queue target while a queue stood (`ERR overloaded`).
+    QueueTime,
+    /// Its deadline had passed (`ERR deadline_exceeded`).
+    Deadline,
+}
+
+/// What became of a request a worker took.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The handler ran: its reply frames (after the `OK` status), or its refusal.
+    Ran(Result<Vec<Frame>, HandlerError>),
+    /// It was not started.
+    Shed(Shed),
 }
 
 /// What a worker tells the coordinator.
@@ -120,12 +162,12 @@ pub enum Event {
     Started(u32),
     /// Worker `index` found the job channel closed and is leaving.
     Stopped(u32),
-    /// A request's outcome: the handler's reply frames, or its refusal.
+    /// A request's outcome.
     Done {
         /// The request.
         ticket: Ticket,
-        /// Reply frames (after the `OK` status), or the `ERR` code and message.
-        result: Result<Vec<Frame>, HandlerError>,
+        /// What the worker did with it.
+        outcome: Outcome,
     },
 }
 
@@ -194,6 +236,8 @@ pub struct Pool {
     pub metrics: Arc<Metrics>,
     /// What each worker is doing.
     pub activity: Arc<Activity>,
+    /// How long requests wait and take.
+    pub queue: Arc<QueueState>,
     /// Largest reply body a handler may return; larger becomes `ERR handler_failed`.
     pub max_reply_bytes: usize,
 }
@@ -230,30 +274,41 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
         let job = match pool.jobs.try_recv() {
             Ok(job) => job,
             Err(TryRecvError::Empty) => {
-                // Idle: publish counts, then wait for work (or the channel to close).
+                // Idle: publish counts, then wait for work (or the channel to close). The
+                // queue is empty until a job arrives, so it drained as late as that.
                 rec.flush();
                 match pool.jobs.recv() {
-                    Ok(job) => job,
+                    Ok(job) => {
+                        pool.queue.drained(Instant::now());
+                        job
+                    }
                     Err(_) => break,
                 }
             }
             Err(TryRecvError::Disconnected) => break,
         };
         let started = Instant::now();
-        rec.picked_up(started.duration_since(job.received));
+        let waited = started.duration_since(job.received);
+        rec.picked_up(waited);
         rec.flush_if_due(started);
-        let result = run_one(
-            index as usize,
-            &mut *handler,
-            job.body,
-            started,
-            &pool,
-            &mut rec,
-        );
-        let done = Event::Done {
-            ticket: job.ticket,
-            result,
+        let ticket = job.ticket;
+        let verdict = shed(&job, waited, started, &pool.queue);
+        // Taking the last job drains the queue (decided after: this job waited in it).
+        if pool.jobs.is_empty() {
+            pool.queue.drained(started);
+        }
+        let outcome = match verdict {
+            Some(shed) => Outcome::Shed(shed),
+            None => Outcome::Ran(run_one(
+                index as usize,
+                &mut *handler,
+                job,
+                started,
+                &pool,
+                &mut rec,
+            )),
         };
+        let done = Event::Done { ticket, outcome };
         if pool.events.send(done).is_err() {
             break;
         }
@@ -263,20 +318,33 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
     log::debug!("worker {index}: stopped");
 }
 
+/// Why `job`, taken at `now` after waiting `waited`, must not be started, if it must not: its
+/// deadline passed, or it waited past the target while a queue stands.
+fn shed(job: &Job, waited: Duration, now: Instant, queue: &QueueState) -> Option<Shed> {
+    if job.deadline.is_some_and(|deadline| now >= deadline) {
+        return Some(Shed::Deadline);
+    }
+    should_shed(waited, queue.standing(now), queue.target(), queue.service())
+        .then_some(Shed::QueueTime)
+}
+
 /// Runs one request's handler, catching a panic and refusing an oversized reply.
 fn run_one(
     index: usize,
     handler: &mut dyn Handler,
-    body: Vec<Frame>,
+    job: Job,
     started: Instant,
     pool: &Pool,
     rec: &mut Recorder,
 ) -> Result<Vec<Frame>, HandlerError> {
+    let context = Context::new(job.deadline);
     pool.activity.begin(index);
     rec.worker_started();
-    let result = catch_unwind(AssertUnwindSafe(|| handler.handle(body)));
-    pool.activity.end(index);
-    rec.worker_finished(started.elapsed());
+    let result = catch_unwind(AssertUnwindSafe(|| handler.handle_with(job.body, &context)));
+    let took = started.elapsed();
+    pool.activity.end(index, took);
+    pool.queue.served(took);
+    rec.worker_finished(took);
     match result {
         Ok(Ok(reply)) => {
             let size: usize = reply.iter().map(|f| f.len()).sum();
@@ -317,8 +385,27 @@ mod tests {
                 b"panic" => panic!("asked to"),
                 b"refuse" => Err(HandlerError::bad_request("refused")),
                 b"huge" => Ok(vec![Frame::from(&[0u8; 11][..])]),
+                b"block" => {
+                    std::thread::sleep(Duration::from_millis(150));
+                    Ok(request)
+                }
                 _ => Ok(request),
             }
+        }
+
+        fn handle_with(
+            &mut self,
+            request: Vec<Frame>,
+            context: &Context,
+        ) -> Result<Vec<Frame>, HandlerError> {
+            if &request[0][..] == b"time left" {
+                // Tell the test what the handler saw.
+                let left = context
+                    .time_left()
+                    .map_or(u64::MAX, |d| d.as_millis() as u64);
+                return Ok(vec![Frame::from(&left.to_le_bytes()[..])]);
+            }
+            self.handle(request)
         }
     }
 
@@ -339,6 +426,10 @@ mod tests {
             waker: Arc::clone(&waker),
             metrics: Arc::new(Metrics::new("test").expect("metrics")),
             activity: Arc::new(Activity::new(1)),
+            queue: Arc::new(QueueState::new(
+                Duration::from_millis(20),
+                Duration::from_millis(100),
+            )),
             max_reply_bytes: 10,
         };
         let worker = Worker::spawn(&pool, 0, Box::new(Panicky)).expect("spawn");
@@ -354,7 +445,14 @@ mod tests {
         }
     }
 
-    fn run(h: &Harness, slot: u32, body: &[u8]) -> Result<Vec<Vec<u8>>, HandlerError> {
+    /// Sends a job read at `received` with `deadline` and returns what the worker did.
+    fn outcome(
+        h: &Harness,
+        slot: u32,
+        body: &[u8],
+        received: Instant,
+        deadline: Option<Instant>,
+    ) -> Outcome {
         let ticket = Ticket {
             slot,
             generation: 2,
@@ -362,17 +460,93 @@ mod tests {
         h.jobs
             .send(Job {
                 ticket,
-                received: Instant::now(),
+                received,
+                deadline,
                 body: vec![Frame::from(body)],
             })
             .expect("send job");
         match h.events.recv_timeout(Duration::from_secs(10)) {
-            Ok(Event::Done { ticket: t, result }) => {
+            Ok(Event::Done { ticket: t, outcome }) => {
                 assert_eq!(t, ticket, "the ticket comes back");
-                result.map(|frames| frames.iter().map(|f| f.to_vec()).collect())
+                outcome
             }
             other => panic!("expected Done, got {other:?}"),
         }
+    }
+
+    fn run(h: &Harness, slot: u32, body: &[u8]) -> Result<Vec<Vec<u8>>, HandlerError> {
+        match outcome(h, slot, body, Instant::now(), None) {
+            Outcome::Ran(result) => {
+                result.map(|frames| frames.iter().map(|f| f.to_vec()).collect())
+            }
+            Outcome::Shed(shed) => panic!("shed: {shed:?}"),
+        }
+    }
+
+    #[test]
+    fn expired_and_stale_requests_are_never_started_and_handlers_see_the_time_left() {
+        let h = start();
+        let now = Instant::now();
+        // Its deadline has passed: not started (a "panic" body would fail the handler).
+        let expired = outcome(&h, 1, b"panic", now, Some(now));
+        assert!(
+            matches!(expired, Outcome::Shed(Shed::Deadline)),
+            "{expired:?}"
+        );
+        // A request that waits behind three of 150 ms, in a queue that does not drain for
+        // longer than the interval (300 ms: twice the target, which is two service times),
+        // past the target: not started.
+        let long_ago = Instant::now() - Duration::from_secs(5);
+        let jobs = [
+            (2, &b"block"[..]),
+            (3, b"block"),
+            (4, b"block"),
+            (5, b"panic"),
+        ];
+        for (slot, body) in jobs {
+            h.jobs
+                .send(Job {
+                    ticket: Ticket {
+                        slot,
+                        generation: 2,
+                    },
+                    received: long_ago,
+                    deadline: None,
+                    body: vec![Frame::from(body)],
+                })
+                .expect("send job");
+        }
+        let mut outcomes = Vec::new();
+        for _ in jobs {
+            match h.events.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::Done { ticket, outcome }) => outcomes.push((ticket.slot, outcome)),
+                other => panic!("expected Done, got {other:?}"),
+            }
+        }
+        assert!(
+            matches!(outcomes[0], (2, Outcome::Ran(Ok(_)))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[3], (5, Outcome::Shed(Shed::QueueTime))),
+            "{outcomes:?}"
+        );
+        // Taking it drained the queue: an old request is started again.
+        let fresh = outcome(&h, 8, b"x", long_ago, None);
+        assert!(matches!(fresh, Outcome::Ran(Ok(_))), "{fresh:?}");
+        // A handler sees the time its client has left.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let Outcome::Ran(Ok(reply)) = outcome(&h, 9, b"time left", Instant::now(), Some(deadline))
+        else {
+            panic!("ran");
+        };
+        let left = u64::from_le_bytes(reply[0][..].try_into().expect("8 bytes"));
+        assert!((59_000..=60_000).contains(&left), "{left} ms left");
+        assert_eq!(
+            run(&h, 10, b"time left"),
+            Ok(vec![u64::MAX.to_le_bytes().to_vec()]),
+            "no deadline, no time left to tell"
+        );
     }
 
     #[test]

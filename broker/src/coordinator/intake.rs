@@ -1,13 +1,17 @@
 //! Intake: what happens to a request from the moment the coordinator reads it until it is
 //! queued for a worker or answered at once. `Coordinator::on_request` inspects it once
-//! (`shared::protocol::inspect`), attributes it to its connection, and asks [`admit`], a pure
-//! decision over the request's verdict and the broker's load, whether to serve, answer a
-//! health check, or refuse it and why.
+//! (`shared::protocol::inspect`), attributes it to its connection, strips its deadline header,
+//! and asks [`admit`], a pure decision over the request's verdict, its budget and the broker's
+//! load (bounds, memory, the queue's predicted wait), whether to serve it, answer a health
+//! check, or refuse it and why (a typed [`RefusedReason`], counted by reason).
 
 use std::os::fd::RawFd;
+use std::time::Duration;
 
+use shared::metrics::RefusedReason;
 use shared::protocol::{inspect, Inspection, RequestKind, FRAME_OVERHEAD};
 use shared::ErrorCode;
+use worker::queue::predicted_wait;
 use worker::Job;
 use zmq::Message;
 
@@ -15,39 +19,6 @@ use super::inflight::{Entry, Origin};
 use super::replies::Body;
 use super::Coordinator;
 use crate::conns::Attribution;
-
-/// Why a request that passed its checks is not served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// The broker is draining.
-    Draining,
-    /// `--max-inflight` requests are held.
-    MaxInflight,
-    /// The request would take the held bytes over `--max-inflight-bytes`.
-    MaxInflightBytes,
-    /// Its connection's requests in flight and unread replies would exceed half of
-    /// `--max-connection-bytes`: its reply might not fit (the other half is room for replies
-    /// already due and for refusals like this one).
-    ConnectionBytes,
-    /// All connections' unread replies would exceed half of `--max-buffered-bytes`.
-    BufferedBytes,
-    /// The process is near its memory limit.
-    Memory,
-}
-
-impl Refusal {
-    /// The `ERR` code the client gets.
-    pub fn code(self) -> ErrorCode {
-        match self {
-            Refusal::Draining => ErrorCode::Draining,
-            Refusal::MaxInflight
-            | Refusal::MaxInflightBytes
-            | Refusal::ConnectionBytes
-            | Refusal::BufferedBytes
-            | Refusal::Memory => ErrorCode::Overloaded,
-        }
-    }
-}
 
 /// What admission decided for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +30,11 @@ pub enum Admission {
     /// Malformed or over a size limit: `ERR` with this code.
     Reject(ErrorCode),
     /// Well-formed, but the broker will not take it now.
-    Refuse(Refusal),
+    Refuse(RefusedReason),
 }
 
 /// The broker's load as admission sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Load {
     /// New work is refused (the drain has begun).
     pub draining: bool,
@@ -77,21 +48,72 @@ pub struct Load {
     pub buffered_fits: bool,
     /// New work is refused to stay inside the memory limit.
     pub shedding: bool,
+    /// The queue has not drained within the interval.
+    pub standing: bool,
+    /// How long a request admitted now can expect to wait for a worker.
+    pub predicted_wait: Duration,
+    /// The queue target in force.
+    pub target: Duration,
 }
 
-/// Decides what becomes of a request with `verdict` (from `inspect`) under `load`. Health
-/// checks are answered in every state, so a draining or overloaded broker still says so.
-pub fn admit(verdict: Result<RequestKind, ErrorCode>, load: Load) -> Admission {
+/// Decides what becomes of a request with `verdict` (from `inspect`) and its client's
+/// `budget` (from its deadline header) under `load`. Health checks are answered in every state,
+/// so a draining or overloaded broker still says so. Refused at the door, in this order: the
+/// drain, a budget already spent, the memory bounds, then time: a predicted wait over the
+/// target while a queue stands (while the queue keeps draining nothing is refused for time),
+/// or longer than the client's budget.
+pub fn admit(
+    verdict: Result<RequestKind, ErrorCode>,
+    budget: Option<Duration>,
+    load: Load,
+) -> Admission {
+    use RefusedReason as R;
+    let refuse = |reason| Admission::Refuse(reason);
     match verdict {
         Err(code) => Admission::Reject(code),
         Ok(RequestKind::Health) => Admission::Health,
-        Ok(RequestKind::Work) if load.draining => Admission::Refuse(Refusal::Draining),
-        Ok(RequestKind::Work) if load.full => Admission::Refuse(Refusal::MaxInflight),
-        Ok(RequestKind::Work) if !load.bytes_fit => Admission::Refuse(Refusal::MaxInflightBytes),
-        Ok(RequestKind::Work) if !load.conn_fits => Admission::Refuse(Refusal::ConnectionBytes),
-        Ok(RequestKind::Work) if !load.buffered_fits => Admission::Refuse(Refusal::BufferedBytes),
-        Ok(RequestKind::Work) if load.shedding => Admission::Refuse(Refusal::Memory),
+        Ok(RequestKind::Work) if load.draining => refuse(R::Draining),
+        Ok(RequestKind::Work) if budget.is_some_and(|b| b.is_zero()) => refuse(R::DeadlineExceeded),
+        Ok(RequestKind::Work) if load.full => refuse(R::MaxInflight),
+        Ok(RequestKind::Work) if !load.bytes_fit => refuse(R::MaxInflightBytes),
+        Ok(RequestKind::Work) if !load.conn_fits => refuse(R::MaxConnectionBytes),
+        Ok(RequestKind::Work) if !load.buffered_fits => refuse(R::MaxBufferedBytes),
+        Ok(RequestKind::Work) if load.shedding => refuse(R::Memory),
+        Ok(RequestKind::Work) if load.standing && load.predicted_wait > load.target => {
+            refuse(R::PredictedWait)
+        }
+        Ok(RequestKind::Work) if budget.is_some_and(|b| load.predicted_wait > b) => {
+            refuse(R::DeadlineExceeded)
+        }
         Ok(RequestKind::Work) => Admission::Serve,
+    }
+}
+
+/// The `ERR` code and message a refused request is answered with.
+pub fn refusal(reason: RefusedReason) -> (ErrorCode, &'static str) {
+    use RefusedReason as R;
+    match reason {
+        R::Draining => (
+            ErrorCode::Draining,
+            "broker is shutting down; retry on another instance",
+        ),
+        R::DeadlineExceeded => (
+            ErrorCode::DeadlineExceeded,
+            "the request's deadline passed, or would before a worker could start it",
+        ),
+        R::PredictedWait | R::QueueTime => (
+            ErrorCode::Overloaded,
+            "broker's queue is longer than its target; retry later or elsewhere",
+        ),
+        R::MaxInflight | R::MaxInflightBytes | R::MaxBufferedBytes | R::Memory => (
+            ErrorCode::Overloaded,
+            "broker is at its in-flight or memory limit; retry later or elsewhere",
+        ),
+        R::MaxConnectionBytes => (
+            ErrorCode::Overloaded,
+            "this connection holds as many requests and unread replies as it may; read \
+             replies before sending more",
+        ),
     }
 }
 
@@ -118,23 +140,25 @@ impl Coordinator {
         let now = self.now;
         self.outbox.tally.read += 1;
         self.last_read = now;
-        self.rec.request_read(seen.envelope_bytes + seen.body_bytes);
-        let cost = cost(&seen, frames[0].len(), frames.len());
-        let work = seen.verdict == Ok(RequestKind::Work);
-        let load = Load {
-            draining: self.clock.draining(),
-            full: self.inflight.is_full(),
-            bytes_fit: self.inflight.fits(cost),
-            // Only asked for work: they may measure connections.
-            conn_fits: !work
-                || origin.is_none_or(|o| {
-                    let share = self.config.max_connection_bytes as u64 / 2;
-                    self.conns.fits(o.fd, o.conn, cost as u64, share)
-                }),
-            buffered_fits: !work || self.outbox.buffered_room(&mut self.conns, cost as u64),
-            shedding: self.guard.shedding(),
+        let header_bytes = if seen.header {
+            frames[seen.envelope_frames].len()
+        } else {
+            0
         };
-        let admission = admit(seen.verdict, load);
+        self.rec
+            .request_read(seen.envelope_bytes + header_bytes + seen.body_bytes);
+        // The header frame is not held: it is stripped before the job is queued.
+        let cost = cost(
+            &seen,
+            frames[0].len(),
+            frames.len() - usize::from(seen.header),
+        );
+        let admission = if seen.verdict == Ok(RequestKind::Work) {
+            let load = self.load(origin, cost);
+            admit(seen.verdict, seen.timeout, load)
+        } else {
+            admit(seen.verdict, seen.timeout, Load::default())
+        };
         let mut envelope = self.outbox.envelope();
         if seen.echo_envelope {
             envelope.extend(frames.drain(..seen.envelope_frames));
@@ -143,6 +167,10 @@ impl Coordinator {
         }
         match admission {
             Admission::Serve => {
+                if seen.header {
+                    // The handler sees the body alone.
+                    frames.remove(0);
+                }
                 let entry = Entry {
                     envelope,
                     origin,
@@ -163,6 +191,7 @@ impl Coordinator {
                 let job = Job {
                     ticket,
                     received: now,
+                    deadline: seen.timeout.and_then(|budget| now.checked_add(budget)),
                     body: std::mem::take(frames),
                 };
                 if self.workers.jobs.send(job).is_err() {
@@ -178,10 +207,42 @@ impl Coordinator {
                 frames.clear();
                 self.answer(envelope, origin, Body::refusal(code), None);
             }
-            Admission::Refuse(refusal) => {
+            Admission::Refuse(reason) => {
                 frames.clear();
-                self.answer(envelope, origin, Body::refusal(refusal.code()), None);
+                self.refused(reason);
+                let (code, message) = refusal(reason);
+                self.answer(envelope, origin, Body::Err(code, message), None);
             }
+        }
+    }
+
+    /// The load a work request costing `cost` from `origin` meets. Asked for work only: it
+    /// may measure connections.
+    fn load(&mut self, origin: Option<Origin>, cost: usize) -> Load {
+        let queue = &self.workers.queue;
+        let now = self.now;
+        let service = queue.service();
+        Load {
+            draining: self.clock.draining(),
+            full: self.inflight.is_full(),
+            bytes_fit: self.inflight.fits(cost),
+            conn_fits: origin.is_none_or(|o| {
+                let share = self.config.max_connection_bytes as u64 / 2;
+                self.conns.fits(o.fd, o.conn, cost as u64, share)
+            }),
+            buffered_fits: self.outbox.buffered_room(&mut self.conns, cost as u64),
+            shedding: self.guard.shedding(),
+            standing: queue.standing(now),
+            predicted_wait: predicted_wait(self.workers.jobs.len(), self.config.workers, service),
+            target: queue.target(),
+        }
+    }
+
+    /// Counts a refusal by reason, and as demand when it was for load.
+    pub(super) fn refused(&mut self, reason: RefusedReason) {
+        self.rec.refused(reason);
+        if reason.is_demand() {
+            self.workers.demand.refused(self.workers.queue.service());
         }
     }
 
@@ -224,6 +285,9 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use RefusedReason as R;
+
+    const MS: Duration = Duration::from_millis(1);
 
     const IDLE: Load = Load {
         draining: false,
@@ -232,29 +296,42 @@ mod tests {
         conn_fits: true,
         buffered_fits: true,
         shedding: false,
+        standing: false,
+        predicted_wait: Duration::ZERO,
+        target: Duration::from_millis(20),
     };
+
+    const WORK: Result<RequestKind, ErrorCode> = Ok(RequestKind::Work);
 
     #[test]
     fn an_idle_broker_serves_work_and_answers_health() {
-        assert_eq!(admit(Ok(RequestKind::Work), IDLE), Admission::Serve);
-        assert_eq!(admit(Ok(RequestKind::Health), IDLE), Admission::Health);
+        assert_eq!(admit(WORK, None, IDLE), Admission::Serve);
+        assert_eq!(admit(WORK, Some(MS), IDLE), Admission::Serve);
+        assert_eq!(
+            admit(Ok(RequestKind::Health), None, IDLE),
+            Admission::Health
+        );
     }
 
     #[test]
     fn malformed_requests_are_rejected_whatever_the_load() {
-        for load in [
-            IDLE,
-            Load {
-                draining: true,
-                full: true,
-                bytes_fit: false,
-                conn_fits: false,
-                buffered_fits: false,
-                shedding: true,
-            },
-        ] {
+        let everything = Load {
+            draining: true,
+            full: true,
+            bytes_fit: false,
+            conn_fits: false,
+            buffered_fits: false,
+            shedding: true,
+            standing: true,
+            predicted_wait: Duration::from_secs(60),
+            target: MS,
+        };
+        for load in [IDLE, everything] {
             for code in [ErrorCode::TooLarge, ErrorCode::BadRequest] {
-                assert_eq!(admit(Err(code), load), Admission::Reject(code));
+                assert_eq!(
+                    admit(Err(code), Some(Duration::ZERO), load),
+                    Admission::Reject(code)
+                );
             }
         }
     }
@@ -267,12 +344,12 @@ mod tests {
                     draining: true,
                     ..IDLE
                 },
-                Refusal::Draining,
+                R::Draining,
                 ErrorCode::Draining,
             ),
             (
                 Load { full: true, ..IDLE },
-                Refusal::MaxInflight,
+                R::MaxInflight,
                 ErrorCode::Overloaded,
             ),
             (
@@ -280,7 +357,7 @@ mod tests {
                     bytes_fit: false,
                     ..IDLE
                 },
-                Refusal::MaxInflightBytes,
+                R::MaxInflightBytes,
                 ErrorCode::Overloaded,
             ),
             (
@@ -288,7 +365,7 @@ mod tests {
                     conn_fits: false,
                     ..IDLE
                 },
-                Refusal::ConnectionBytes,
+                R::MaxConnectionBytes,
                 ErrorCode::Overloaded,
             ),
             (
@@ -296,7 +373,7 @@ mod tests {
                     buffered_fits: false,
                     ..IDLE
                 },
-                Refusal::BufferedBytes,
+                R::MaxBufferedBytes,
                 ErrorCode::Overloaded,
             ),
             (
@@ -304,22 +381,87 @@ mod tests {
                     shedding: true,
                     ..IDLE
                 },
-                Refusal::Memory,
+                R::Memory,
+                ErrorCode::Overloaded,
+            ),
+            (
+                Load {
+                    standing: true,
+                    predicted_wait: 21 * MS,
+                    ..IDLE
+                },
+                R::PredictedWait,
                 ErrorCode::Overloaded,
             ),
         ];
-        for (load, refusal, code) in cases {
+        for (load, reason, code) in cases {
             assert_eq!(
-                admit(Ok(RequestKind::Work), load),
-                Admission::Refuse(refusal)
+                admit(WORK, None, load),
+                Admission::Refuse(reason),
+                "{reason}"
             );
-            assert_eq!(refusal.code(), code);
-            assert_eq!(admit(Ok(RequestKind::Health), load), Admission::Health);
+            assert_eq!(refusal(reason).0, code, "{reason}");
+            assert_eq!(
+                admit(Ok(RequestKind::Health), None, load),
+                Admission::Health
+            );
         }
     }
 
     #[test]
-    fn draining_is_told_before_overload() {
+    fn time_refuses_only_a_standing_queue_over_its_target() {
+        // A long queue that keeps draining (a burst) is not refused for time.
+        let draining_queue = Load {
+            predicted_wait: 5 * 20 * MS,
+            ..IDLE
+        };
+        assert_eq!(admit(WORK, None, draining_queue), Admission::Serve);
+        // A standing queue is, once the predicted wait is over the target, not at it.
+        let at = Load {
+            standing: true,
+            predicted_wait: 20 * MS,
+            ..IDLE
+        };
+        assert_eq!(admit(WORK, None, at), Admission::Serve);
+        let over = Load {
+            predicted_wait: 20 * MS + Duration::from_nanos(1),
+            ..at
+        };
+        assert_eq!(admit(WORK, None, over), Admission::Refuse(R::PredictedWait));
+    }
+
+    #[test]
+    fn a_budget_that_is_spent_or_shorter_than_the_wait_is_refused_as_deadline_exceeded() {
+        assert_eq!(
+            admit(WORK, Some(Duration::ZERO), IDLE),
+            Admission::Refuse(R::DeadlineExceeded)
+        );
+        let waiting = Load {
+            predicted_wait: 10 * MS,
+            ..IDLE
+        };
+        assert_eq!(admit(WORK, Some(10 * MS), waiting), Admission::Serve);
+        assert_eq!(
+            admit(WORK, Some(9 * MS), waiting),
+            Admission::Refuse(R::DeadlineExceeded)
+        );
+        assert_eq!(refusal(R::DeadlineExceeded).0, ErrorCode::DeadlineExceeded);
+        // No budget: no deadline to miss.
+        assert_eq!(
+            admit(
+                WORK,
+                None,
+                Load {
+                    predicted_wait: Duration::from_secs(9),
+                    ..IDLE
+                }
+            ),
+            Admission::Serve
+        );
+    }
+
+    #[test]
+    fn draining_is_told_before_overload_and_before_a_spent_budget() {
         let everything = Load {
             draining: true,
             full: true,
@@ -327,12 +469,22 @@ mod tests {
             conn_fits: false,
             buffered_fits: false,
             shedding: true,
+            standing: true,
+            predicted_wait: Duration::from_secs(1),
+            target: MS,
         };
         assert_eq!(
-            admit(Ok(RequestKind::Work), everything),
-            Admission::Refuse(Refusal::Draining),
+            admit(WORK, Some(Duration::ZERO), everything),
+            Admission::Refuse(R::Draining),
             "a draining broker sends clients elsewhere, not into a retry here"
         );
+    }
+
+    #[test]
+    fn every_reason_has_a_message() {
+        for &reason in R::ALL {
+            assert!(!refusal(reason).1.is_empty(), "{reason}");
+        }
     }
 
     #[test]

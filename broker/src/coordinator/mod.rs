@@ -31,12 +31,13 @@ use shared::metrics::Recorder;
 use shared::protocol::MAX_FRAMES;
 use shared::socket::try_recv_message;
 use shared::Metrics;
-use worker::{Activity, Event, Job, Waker};
+use worker::{Activity, Event, Job, QueueState, Waker};
 use zmq::{Message, Socket};
 
 use crate::access::{Refusals, ZapHandler};
 use crate::config::Config;
 use crate::conns;
+use crate::demand::Demand;
 use crate::guard;
 use crate::lifecycle::Status;
 use crate::signals::{self, Signals};
@@ -115,6 +116,10 @@ pub struct Workers {
     pub waker: Arc<Waker>,
     /// What each worker is doing now (shared with the liveness check).
     pub activity: Arc<Activity>,
+    /// How long requests wait and take (shared with the workers).
+    pub queue: Arc<QueueState>,
+    /// The autoscaling signal, which counts refused requests as demand on the pool.
+    pub demand: Arc<Demand>,
 }
 
 /// The coordinator and everything it owns.
@@ -339,7 +344,7 @@ impl Coordinator {
                         self.clock.started();
                     }
                 }
-                Event::Done { ticket, result } => self.on_done(ticket, result),
+                Event::Done { ticket, outcome } => self.on_done(ticket, outcome),
                 // Only while stopping, read by stop_workers.
                 Event::Stopped(_) => {}
             }
@@ -361,6 +366,8 @@ impl Coordinator {
         self.next_resync = now + RESYNC_EVERY;
         self.conns.resync();
         self.metrics.set_connections(self.conns.open());
+        let queue = &self.workers.queue;
+        self.metrics.set_queue(queue.target(), queue.service());
     }
 
     /// Waits up to `timeout` for input: the signalfd, the workers' waker, and the

@@ -8,13 +8,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shared::metrics::{DropReason, Recorder};
+use shared::metrics::{DropReason, Recorder, RefusedReason};
 use shared::protocol::{encode_err, encode_ok, wire_size, STATUS_OK};
 use shared::socket::send_one;
 use shared::{ErrorCode, Metrics};
+use worker::{Outcome, Shed};
 use zmq::{Message, Socket};
 
 use super::inflight::{Entry, Origin};
+use super::intake::refusal;
 use super::Coordinator;
 use crate::conns;
 use crate::lifecycle::State;
@@ -80,6 +82,7 @@ fn reject_message(code: ErrorCode) -> &'static str {
         ErrorCode::Draining => "broker is shutting down; retry on another instance",
         ErrorCode::Timeout => "request still running at the drain deadline",
         ErrorCode::HandlerFailed => "handler failed",
+        ErrorCode::DeadlineExceeded => "the request's deadline passed before a worker started it",
     }
 }
 
@@ -268,6 +271,7 @@ impl Outbox {
         let cap = self.max_connection_bytes;
         let held = conns.held_out(origin.fd, origin.conn, cap.saturating_sub(wire))?;
         if held + wire > cap {
+            log::debug!("reply of {wire} bytes dropped: its connection holds {held} of {cap}");
             return Some(DropReason::Hwm);
         }
         if !self.within_budget(conns, wire, self.max_buffered_bytes) {
@@ -315,12 +319,9 @@ impl Coordinator {
         }
     }
 
-    /// Sends a worker's outcome to the client that asked.
-    pub(super) fn on_done(
-        &mut self,
-        ticket: worker::Ticket,
-        result: Result<Vec<Message>, worker::HandlerError>,
-    ) {
+    /// Sends a worker's outcome to the client that asked: its handler's reply, or the refusal
+    /// of a request the worker would not start.
+    pub(super) fn on_done(&mut self, ticket: worker::Ticket, outcome: Outcome) {
         let now = self.now;
         // A stale ticket (the request timed out at the drain deadline) finds no entry.
         let Some(entry) = self.release(ticket, now) else {
@@ -328,14 +329,30 @@ impl Coordinator {
             return;
         };
         let latency = Some(now.saturating_duration_since(entry.received));
-        match result {
-            Ok(frames) => self.answer(entry.envelope, entry.origin, Body::Ok(frames), latency),
-            Err(e) => self.answer(
+        match outcome {
+            Outcome::Ran(Ok(frames)) => {
+                self.answer(entry.envelope, entry.origin, Body::Ok(frames), latency)
+            }
+            Outcome::Ran(Err(e)) => self.answer(
                 entry.envelope,
                 entry.origin,
                 Body::Err(e.code, &e.message),
                 latency,
             ),
+            Outcome::Shed(shed) => {
+                let reason = match shed {
+                    Shed::QueueTime => RefusedReason::QueueTime,
+                    Shed::Deadline => RefusedReason::DeadlineExceeded,
+                };
+                self.refused(reason);
+                let (code, message) = refusal(reason);
+                self.answer(
+                    entry.envelope,
+                    entry.origin,
+                    Body::Err(code, message),
+                    latency,
+                );
+            }
         }
     }
 }

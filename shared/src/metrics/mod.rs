@@ -19,7 +19,7 @@ use prometheus::{
 
 use crate::protocol::ErrorCode;
 use held::HeldSeconds;
-pub use reasons::{DropReason, RefusalReason, ResetReason};
+pub use reasons::{DropReason, RefusalReason, RefusedReason, ResetReason};
 pub use recorder::Recorder;
 
 /// Histogram buckets in seconds: 25 µs to 10 s in 1-2.5-5 steps. The client library's
@@ -50,6 +50,10 @@ pub struct Metrics {
     received_bytes: IntCounter,
     sent_bytes: IntCounter,
     health_checks: IntCounter,
+    requests_refused: Vec<IntCounter>,
+    queue_target: prometheus::Gauge,
+    service: prometheus::Gauge,
+    memory_limit: IntGauge,
     connections: IntGauge,
     refused: Vec<IntCounter>,
     resets: Vec<IntCounter>,
@@ -122,6 +126,18 @@ impl Metrics {
                 &["reason"],
             )?,
         )?;
+        let requests_refused = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    names::REQUESTS_REFUSED_TOTAL,
+                    "Requests refused without being run, by reason (why the client got ERR \
+                     overloaded, deadline_exceeded or draining).",
+                ),
+                &["reason"],
+            )?,
+        )?;
+        let float_gauge = |name: &str, help: &str| reg(&r, prometheus::Gauge::new(name, help)?);
         let resets = reg(
             &r,
             IntCounterVec::new(
@@ -227,6 +243,24 @@ impl Metrics {
                 "1 while new work is refused because the process is near its memory limit.",
             )?,
             draining: gauge(names::DRAINING, "1 from the first SIGTERM/SIGINT on.")?,
+            requests_refused: labelled(
+                &requests_refused,
+                RefusedReason::ALL.iter().map(|r| r.as_str()).collect(),
+            ),
+            queue_target: float_gauge(
+                names::QUEUE_TARGET_SECONDS,
+                "The queue-wait target in force: --queue-target, or a few mean service times if \
+                 that is longer.",
+            )?,
+            service: float_gauge(
+                names::SERVICE_SECONDS,
+                "The mean handler time (moving average) admission predicts queue waits with.",
+            )?,
+            memory_limit: gauge(
+                names::MEMORY_LIMIT_BYTES,
+                "The memory limit the broker keeps its resident size under (--memory-limit or \
+                 the cgroup's; 0: none).",
+            )?,
             allowed_keys: gauge(
                 names::CURVE_ALLOWED_KEYS,
                 "Client public keys in force from --curve-allow-keys (0 without it).",
@@ -259,6 +293,11 @@ impl Metrics {
             received_bytes: self.received_bytes.local(),
             sent_bytes: self.sent_bytes.local(),
             workers_busy: self.workers_busy.clone(),
+            refused: self
+                .requests_refused
+                .iter()
+                .map(IntCounter::local)
+                .collect(),
             last_flush: Instant::now(),
         }
     }
@@ -308,6 +347,18 @@ impl Metrics {
     /// Client keys in force.
     pub fn set_allowed_keys(&self, n: usize) {
         self.allowed_keys.set(n as i64);
+    }
+
+    /// The queue target in force and the mean service time behind it.
+    pub fn set_queue(&self, target: std::time::Duration, service: std::time::Duration) {
+        self.queue_target.set(target.as_secs_f64());
+        self.service.set(service.as_secs_f64());
+    }
+
+    /// The memory limit in force, if any.
+    pub fn set_memory_limit(&self, limit: Option<u64>) {
+        self.memory_limit
+            .set(limit.map_or(0, |l| l.min(i64::MAX as u64) as i64));
     }
 
     /// Pool size.

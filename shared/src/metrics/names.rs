@@ -28,6 +28,17 @@ pub const REPLIES_DROPPED_TOTAL: &str = "broker_replies_dropped_total";
 pub const RECEIVED_BYTES_TOTAL: &str = "broker_received_bytes_total";
 /// Reply bytes sent, every frame after the routing id (the help text is the definition).
 pub const SENT_BYTES_TOTAL: &str = "broker_sent_bytes_total";
+/// Requests refused (not run), by reason: why work was turned away.
+pub const REQUESTS_REFUSED_TOTAL: &str = "broker_requests_refused_total";
+/// Seconds of work asked of the pool, refused demand included: `rate / broker_workers` is the
+/// offered load per worker, the autoscaling signal.
+pub const DEMAND_SECONDS_TOTAL: &str = "broker_demand_seconds_total";
+/// The queue-wait target in force (`--queue-target`, raised to follow the service time).
+pub const QUEUE_TARGET_SECONDS: &str = "broker_queue_target_seconds";
+/// The mean handler time admission predicts with.
+pub const SERVICE_SECONDS: &str = "broker_service_seconds";
+/// The memory limit the guard keeps the process under (0: none).
+pub const MEMORY_LIMIT_BYTES: &str = "broker_memory_limit_bytes";
 /// Health requests answered by the coordinator (`broker probe`).
 pub const HEALTH_CHECKS_TOTAL: &str = "broker_health_checks_total";
 /// Front connections open.

@@ -93,6 +93,42 @@ reasons! {
     }
 }
 
+reasons! {
+    /// Why a request was not run (`broker_requests_refused_total{reason}`); its client got
+    /// `ERR overloaded`, `ERR deadline_exceeded` or `ERR draining`.
+    RefusedReason {
+        /// At the door: the wait predicted from the queue and the mean service time was over
+        /// the queue target while a queue stood.
+        PredictedWait => "predicted_wait",
+        /// At a worker: it had waited longer than the queue target (plus a service time)
+        /// while a queue stood.
+        QueueTime => "queue_time",
+        /// Its deadline had passed, or the predicted wait was longer than its budget.
+        DeadlineExceeded => "deadline_exceeded",
+        /// `--max-inflight` requests were held.
+        MaxInflight => "max_inflight",
+        /// It would have taken the held bytes over `--max-inflight-bytes`.
+        MaxInflightBytes => "max_inflight_bytes",
+        /// Its connection's held requests and unread replies were at half of
+        /// `--max-connection-bytes`.
+        MaxConnectionBytes => "max_connection_bytes",
+        /// All connections' unread replies were at half of `--max-buffered-bytes`.
+        MaxBufferedBytes => "max_buffered_bytes",
+        /// The process was near its memory limit.
+        Memory => "memory",
+        /// The broker was draining.
+        Draining => "draining",
+    }
+}
+
+impl RefusedReason {
+    /// True for refusals of load (everything but draining): work the pool was asked for and
+    /// could not do in time, which the autoscaling signal counts as demand.
+    pub const fn is_demand(self) -> bool {
+        !matches!(self, RefusedReason::Draining)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +161,10 @@ mod tests {
             RefusalReason::index,
         );
         check(ResetReason::ALL, ResetReason::as_str, ResetReason::index);
+        check(
+            RefusedReason::ALL,
+            RefusedReason::as_str,
+            RefusedReason::index,
+        );
     }
 }

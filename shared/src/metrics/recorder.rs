@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use prometheus::local::{LocalCounter, LocalHistogram, LocalIntCounter};
 use prometheus::IntGauge;
 
+use super::RefusedReason;
 use crate::protocol::ErrorCode;
 
 /// Per-request metric updates for one thread (the coordinator, or one worker). Each update is
@@ -22,6 +23,8 @@ pub struct Recorder {
     pub(super) received_bytes: LocalIntCounter,
     pub(super) sent_bytes: LocalIntCounter,
     pub(super) workers_busy: IntGauge,
+    /// Per [`RefusedReason`], by its index.
+    pub(super) refused: Vec<LocalIntCounter>,
     pub(super) last_flush: Instant,
 }
 
@@ -61,6 +64,16 @@ impl Recorder {
         }
     }
 
+    /// A request was refused without being run.
+    #[inline]
+    pub fn refused(&mut self, reason: RefusedReason) {
+        if self.enabled {
+            if let Some(counter) = self.refused.get_mut(reason.index()) {
+                counter.inc();
+            }
+        }
+    }
+
     /// A reply body of `bytes` left through the front socket.
     #[inline]
     pub fn reply_sent(&mut self, bytes: usize) {
@@ -97,6 +110,9 @@ impl Recorder {
         self.worker_busy_seconds.flush();
         self.received_bytes.flush();
         self.sent_bytes.flush();
+        for counter in &self.refused {
+            counter.flush();
+        }
         self.last_flush = Instant::now();
     }
 

@@ -1,0 +1,171 @@
+//! Queue management by time: what the pool knows about how long requests wait and take, shared
+//! lock-free between the workers (which measure it) and the coordinator (which admits by it).
+//!
+//! As in Facebook's server queues ("Fail at Scale", ACM Queue 2015) and CoDel: while the queue
+//! keeps draining, nothing is refused; once it has not drained for an interval (a *standing*
+//! queue), a request that has waited past the target is not started, and the coordinator
+//! refuses at the door a request whose predicted wait is over the target. The target follows
+//! the service time ([`TARGET_SERVICE_TIMES`] mean service times at least), so a slow handler's
+//! ordinary queue is never taken for overload. The pure decisions are [`should_shed`] and
+//! [`predicted_wait`]; [`QueueState`] holds the measurements.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The effective target is at least this many mean service times: with the door refusing at
+/// the target, the queue then holds about this many requests per worker, enough that a worker
+/// never idles for want of one while clients are refused.
+pub const TARGET_SERVICE_TIMES: u32 = 2;
+/// Weight of a new service-time sample in the moving average (1/8: a few dozen requests
+/// forget a change of handler cost).
+const EWMA_SHIFT: u32 = 3;
+
+/// The queue's timing, shared by the pool and the coordinator.
+#[derive(Debug)]
+pub struct QueueState {
+    epoch: Instant,
+    target: Duration,
+    interval: Duration,
+    /// Moving average of handler time, nanoseconds (0: no sample yet).
+    service_ns: AtomicU64,
+    /// When a worker last found the queue empty, nanoseconds since `epoch`.
+    drained_ns: AtomicU64,
+}
+
+impl QueueState {
+    /// A queue with `--queue-target` and `--queue-interval`, drained now.
+    pub fn new(target: Duration, interval: Duration) -> QueueState {
+        QueueState {
+            epoch: Instant::now(),
+            target,
+            interval,
+            service_ns: AtomicU64::new(0),
+            drained_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A worker found the queue empty at `now`.
+    pub fn drained(&self, now: Instant) {
+        self.drained_ns
+            .fetch_max(self.since_epoch(now), Ordering::Relaxed);
+    }
+
+    /// A handler ran for `took`.
+    pub fn served(&self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .service_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| {
+                Some(if mean == 0 {
+                    sample
+                } else {
+                    // mean + (sample - mean) / 8, in signed arithmetic.
+                    let delta = (sample as i128 - mean as i128) >> EWMA_SHIFT;
+                    (mean as i128 + delta).clamp(1, u64::MAX as i128) as u64
+                })
+            });
+    }
+
+    /// The mean handler time (zero before the first request finished).
+    pub fn service(&self) -> Duration {
+        Duration::from_nanos(self.service_ns.load(Ordering::Relaxed))
+    }
+
+    /// The target in force: `--queue-target`, or [`TARGET_SERVICE_TIMES`] mean service times
+    /// if that is longer.
+    pub fn target(&self) -> Duration {
+        self.target
+            .max(self.service().saturating_mul(TARGET_SERVICE_TIMES))
+    }
+
+    /// The interval in force: `--queue-interval`, and never shorter than the target.
+    pub fn interval(&self) -> Duration {
+        self.interval.max(self.target())
+    }
+
+    /// True when the queue has not drained within the interval as of `now`.
+    pub fn standing(&self, now: Instant) -> bool {
+        let drained = Duration::from_nanos(self.drained_ns.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.epoch)
+            .saturating_sub(drained)
+            > self.interval()
+    }
+}
+
+/// Whether a worker must not start a request that waited `sojourn`: only while a queue stands,
+/// and only past the target plus one service time (a request admitted at the door with a
+/// predicted wait just under the target may wait up to a service time longer than predicted).
+pub fn should_shed(sojourn: Duration, standing: bool, target: Duration, service: Duration) -> bool {
+    standing && sojourn > target.saturating_add(service)
+}
+
+/// The wait a request arriving now can expect: `queued` requests ahead of it, shared by
+/// `workers`, each taking `service`.
+pub fn predicted_wait(queued: usize, workers: usize, service: Duration) -> Duration {
+    let per_worker = queued as f64 / workers.max(1) as f64;
+    service.mul_f64(per_worker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_target_follows_the_service_time() {
+        let q = QueueState::new(20 * MS, 100 * MS);
+        assert_eq!((q.target(), q.interval()), (20 * MS, 100 * MS));
+        q.served(10 * MS);
+        assert_eq!(q.service(), 10 * MS, "the first sample is the mean");
+        assert_eq!(q.target(), 20 * MS);
+        q.served(1500 * MS);
+        // 10 + (1500 - 10) / 8
+        assert_eq!(q.service(), Duration::from_nanos(196_250_000));
+        assert_eq!(q.target(), Duration::from_nanos(392_500_000));
+        assert_eq!(q.interval(), q.target(), "never shorter than the target");
+        for _ in 0..200 {
+            q.served(1500 * MS);
+        }
+        assert!(q.service() > 1490 * MS && q.service() <= 1500 * MS);
+    }
+
+    #[test]
+    fn a_queue_stands_once_it_has_not_drained_for_an_interval() {
+        let q = QueueState::new(20 * MS, 100 * MS);
+        let t0 = q.epoch;
+        q.drained(t0);
+        assert!(!q.standing(t0 + 100 * MS));
+        assert!(q.standing(t0 + 101 * MS));
+        q.drained(t0 + 150 * MS);
+        assert!(!q.standing(t0 + 200 * MS), "drained again");
+        // A late report of an older drain changes nothing.
+        q.drained(t0 + 10 * MS);
+        assert!(!q.standing(t0 + 250 * MS));
+        assert!(q.standing(t0 + 251 * MS));
+    }
+
+    #[test]
+    fn only_a_standing_queue_sheds_and_only_past_the_target_and_a_service_time() {
+        let (target, service) = (20 * MS, 10 * MS);
+        assert!(!should_shed(Duration::from_secs(5), false, target, service));
+        assert!(!should_shed(30 * MS, true, target, service));
+        assert!(should_shed(31 * MS, true, target, service));
+    }
+
+    #[test]
+    fn the_predicted_wait_shares_the_queue_among_the_workers() {
+        assert_eq!(predicted_wait(0, 2, 10 * MS), Duration::ZERO);
+        assert_eq!(predicted_wait(4, 2, 10 * MS), 20 * MS);
+        assert_eq!(predicted_wait(3, 2, 10 * MS), 15 * MS);
+        assert_eq!(predicted_wait(5, 0, MS), 5 * MS, "no worker counts as one");
+        assert_eq!(
+            predicted_wait(256, 2, Duration::from_micros(2)),
+            Duration::from_micros(256)
+        );
+    }
+}
