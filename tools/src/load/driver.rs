@@ -331,6 +331,7 @@ mod tests {
         let code = |bytes: &[u8]| error_code(Some(&zmq::Message::from(bytes))).into_owned();
         assert_eq!(code(b"overloaded"), "overloaded");
         assert_eq!(code(b"deadline_exceeded"), "deadline_exceeded");
+        assert_eq!(code(b"quota_exceeded"), "quota_exceeded");
         assert_eq!(code(b"Overloaded!"), "malformed");
         assert_eq!(code(b""), "malformed");
         assert_eq!(code(&[b'a'; 33]), "malformed");
