@@ -229,10 +229,11 @@ pub struct ServeArgs {
     /// Longest wait for in-flight requests once draining; then `ERR timeout` (at most 1h).
     #[arg(long, env = "BROKER_DRAIN_TIMEOUT", value_parser = Trimmed(parse_positive_wait), default_value = defaults::DRAIN_TIMEOUT)]
     pub drain_timeout: Duration,
-    /// Longest a request may wait for a worker once a queue stands (it has not drained for
-    /// --queue-interval): older ones are not started, and new ones whose predicted wait is
-    /// longer are refused at once (`ERR overloaded`). Raised to two mean service times for slow
-    /// handlers. 1ms to 1h.
+    /// Once a queue stands (it has not drained for --queue-interval), the longest a request
+    /// may expect to wait and be served in: new ones whose predicted wait plus a service time
+    /// is longer are refused at once (`ERR overloaded`), and one that has waited longer than
+    /// the target plus a service time is not started. Raised to two mean service times for
+    /// slow handlers. 1ms to 1h.
     #[arg(long, env = "BROKER_QUEUE_TARGET", value_parser = Trimmed(parse_queue_time), default_value = defaults::QUEUE_TARGET)]
     pub queue_target: Duration,
     /// A queue that has not drained for this long is standing; while it keeps draining,

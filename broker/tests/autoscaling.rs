@@ -2,31 +2,28 @@
 //! installs) scraping real brokers, with the exact query strings of the rendered manifests:
 //! the prometheus-adapter rule behind the HPA and the KEDA ScaledObject's trigger.
 //!
-//! Four brokers (2 workers each, `sleep` handler at 20 ms, so 100 requests/s per broker) are
-//! labelled as the PodMonitor's relabelling labels pods (`namespace`, `pod`): two in namespace
-//! `broker` under an open-loop load of half their capacity, two in `broker-over` under three
-//! times theirs. The test checks that at half capacity the signal reads rate x service time /
-//! workers (0.5) within 15 % and the HPA formula keeps the replicas; that at three times
-//! capacity the formula asks for at least three times the replicas in one step; and that once
-//! the load stops the signal falls back within the query window.
+//! Brokers (2 workers each, `sleep` handler, admission at its defaults, the production pod's
+//! memory limit) are labelled as the PodMonitor's relabelling labels pods (`namespace`,
+//! `pod`): two in namespace `broker` at 10 ms a request under an open-loop load of half their
+//! capacity, two in `broker-over` at 10 ms under three times theirs, two in `broker-slow` at
+//! 1 s a request under three times theirs, and two in `broker-brief` under a brief half load.
+//! The test checks that at half capacity the signal (offered load per worker) reads 0.5 within
+//! 15 % and the HPA formula keeps the replicas; that at three times capacity, where admission
+//! keeps the queue short and refuses the rest, the formula still asks for at least three times
+//! the replicas in one step, for the fast and the slow handler; and that once the load stops
+//! the signal falls back within the query window.
 //!
 //! The Grafana dashboard (deploy/monitoring/dashboards/broker.json) is evaluated on the same
 //! Prometheus: every query of every panel, for the half-load and the overloaded namespace, must
 //! return data; the overloaded namespace's panels are then drawn from range queries with
 //! matplotlib (deploy/monitoring/dashboards/render.py) into target/dashboard/broker.png, which
-//! docs/img/dashboard.png is a copy of. kube-state-metrics cannot run here (no API server): the
-//! one series of it the dashboard reads, the pods' memory limit, is served by a stand-in with
-//! the rendered production Deployment's limit.
+//! docs/img/dashboard.png is a copy of.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::deploy::{production_pod, rendered_object, repo};
@@ -34,10 +31,14 @@ use common::{eventually, free_port, Broker};
 use serde_yaml::Value;
 
 /// Service time of one request (the `sleep` handler's milliseconds).
-const SERVICE_MS: u64 = 20;
+const SERVICE_MS: u64 = 10;
+/// The slow handler's.
+const SLOW_MS: u64 = 1000;
 const WORKERS: u64 = 2;
-/// Requests per second one broker can serve.
-const CAPACITY: f64 = WORKERS as f64 * 1000.0 / SERVICE_MS as f64;
+/// Requests per second one broker can serve at `service_ms`.
+fn capacity(service_ms: u64) -> f64 {
+    WORKERS as f64 * 1000.0 / service_ms as f64
+}
 
 /// The HPA's Pods metric name and its AverageValue target, from the production render.
 fn hpa_metric() -> (String, f64) {
@@ -107,8 +108,7 @@ fn keda_trigger() -> (String, f64) {
     )
 }
 
-/// Prometheus on loopback scraping `targets` (admin address, namespace, pod) every second, and
-/// `exporters` with their own labels (honor_labels, as kube-state-metrics is scraped).
+/// Prometheus on loopback scraping `targets` (admin address, namespace, pod) every second.
 struct Prometheus {
     child: Child,
     port: u16,
@@ -116,7 +116,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(targets: &[(SocketAddr, &str, &str)], exporters: &[SocketAddr]) -> Prometheus {
+    fn start(targets: &[(SocketAddr, &str, &str)]) -> Prometheus {
         let dir = std::env::temp_dir().join(format!(
             "broker-prom-{}-{}",
             std::process::id(),
@@ -130,12 +130,6 @@ impl Prometheus {
             config.push_str(&format!(
                 "      - targets: ['{addr}']\n        labels: {{namespace: '{namespace}', pod: '{pod}'}}\n"
             ));
-        }
-        config.push_str(
-            "  - job_name: kube-state-metrics\n    honor_labels: true\n    static_configs:\n",
-        );
-        for addr in exporters {
-            config.push_str(&format!("      - targets: ['{addr}']\n"));
         }
         let path = dir.join("prometheus.yml");
         std::fs::write(&path, config).expect("write prometheus.yml");
@@ -238,63 +232,6 @@ fn dechunk(body: &str) -> String {
     out
 }
 
-/// Stands in for kube-state-metrics, which needs an API server: serves
-/// `kube_pod_container_resource_limits` (memory) for the test's pods, as it would for the pods
-/// of the rendered Deployment.
-struct KubeStateMetrics {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl KubeStateMetrics {
-    fn start(pods: &[(&str, &str)], memory_limit: u64) -> KubeStateMetrics {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let mut text = String::from("# TYPE kube_pod_container_resource_limits gauge\n");
-        for (namespace, pod) in pods {
-            text.push_str(&format!(
-                "kube_pod_container_resource_limits{{namespace=\"{namespace}\",pod=\"{pod}\",\
-                 container=\"broker\",resource=\"memory\",unit=\"byte\"}} {memory_limit}\n"
-            ));
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopped.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(mut stream) = stream else { continue };
-                let mut request = [0u8; 1024];
-                let _ = stream.read(&mut request);
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                    text.len()
-                );
-            }
-        });
-        KubeStateMetrics {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for KubeStateMetrics {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wakes the accept loop so that it sees the flag.
-        let _ = std::net::TcpStream::connect(self.addr);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// Every query of every panel of the Grafana dashboard, for `namespace`: (panel, unit,
 /// target line, [(query, legend)]), with the dashboard's variables as Grafana would fill them
 /// (`$__rate_interval` at least four scrape intervals: 4 s here).
@@ -344,8 +281,9 @@ impl Drop for Prometheus {
     }
 }
 
-/// An open-loop load of `rate` requests/s for `secs` on `brokers`, in the background.
-fn load(brokers: &[&Broker], rate: f64, secs: u64) -> Child {
+/// An open-loop load of `rate` requests/s of `service_ms` for `secs` on `brokers`, in the
+/// background; each request's client deadline is ten service times (at least a second).
+fn load(brokers: &[&Broker], service_ms: u64, rate: f64, secs: u64) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_broker"));
     command.arg("bench");
     for broker in brokers {
@@ -358,8 +296,9 @@ fn load(brokers: &[&Broker], rate: f64, secs: u64) -> Child {
             "--duration",
             &format!("{secs}s"),
         ])
-        .args(["--clients", "8", "--window", "512", "--timeout", "1s"])
-        .args(["--first-frame", &SERVICE_MS.to_string(), "--json"])
+        .args(["--clients", "8", "--window", "512"])
+        .args(["--timeout", &format!("{}ms", (10 * service_ms).max(1000))])
+        .args(["--first-frame", &service_ms.to_string(), "--json"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -386,7 +325,7 @@ fn render_dashboard(prometheus: &Prometheus, namespace: &str, start: SystemTime)
     let dir = repo().join("target/dashboard");
     std::fs::create_dir_all(&dir).expect("target/dashboard");
     let data = dir.join("broker-data.json");
-    let title = format!("Broker, namespace {namespace}: 2 pods at 3x their capacity for 20 s");
+    let title = format!("Broker, namespace {namespace}: 2 pods at 3x their capacity");
     let document = serde_json::json!({"title": title, "panels": panels});
     std::fs::write(&data, document.to_string()).expect("write the data");
     let png = dir.join("broker.png");
@@ -422,52 +361,53 @@ fn the_signal_sees_load_and_overload_and_falls_back_when_it_stops() {
     // The queries' rate window: it must fill before the signal is exact, and empty before it
     // falls to zero. The three sets run side by side so the test takes one window and a bit.
     let window = Duration::from_secs(60);
-    let args = ["--workers", "2", "--handler", "sleep"];
+    let limit = production_pod().memory_limit.to_string();
+    let args = [
+        "--workers",
+        "2",
+        "--handler",
+        "sleep",
+        "--memory-limit",
+        &limit,
+    ];
     let start = || -> Vec<Broker> { (0..2).map(|_| Broker::start(&args)).collect() };
-    let (half, over, brief) = (start(), start(), start());
+    let (half, over, slow, brief) = (start(), start(), start(), start());
     let pods = [
         ("broker", "h-0"),
         ("broker", "h-1"),
         ("broker-over", "o-0"),
         ("broker-over", "o-1"),
+        ("broker-slow", "s-0"),
+        ("broker-slow", "s-1"),
         ("broker-brief", "b-0"),
         ("broker-brief", "b-1"),
     ];
-    let kube_state_metrics = KubeStateMetrics::start(&pods, production_pod().memory_limit);
-    let admins = [&half, &over, &brief].map(|pair| [pair[0].admin, pair[1].admin]);
+    let admins = [&half, &over, &slow, &brief].map(|pair| [pair[0].admin, pair[1].admin]);
     let targets: Vec<(SocketAddr, &str, &str)> = admins
         .iter()
         .flatten()
         .zip(pods.iter())
         .map(|(addr, (namespace, pod))| (*addr, *namespace, *pod))
         .collect();
-    let prometheus = Prometheus::start(&targets, &[kube_state_metrics.addr]);
+    let prometheus = Prometheus::start(&targets);
     let wall_start = SystemTime::now();
     let half_query = adapter_pods_query(&adapter, "broker", &["h-0", "h-1"]);
     let over_query = adapter_pods_query(&adapter, "broker-over", &["o-0", "o-1"]);
+    let slow_query = adapter_pods_query(&adapter, "broker-slow", &["s-0", "s-1"]);
     let brief_query = adapter_pods_query(&adapter, "broker-brief", &["b-0", "b-1"]);
 
     // Half the capacity of two brokers for a window and more; three times it on the second
-    // pair; half on the third pair for 10 s only.
+    // pair and on the slow pair; half on the last pair for 10 s only.
     let started = Instant::now();
     let long = window.as_secs() + 15;
-    let mut half_load = load(&[&half[0], &half[1]], CAPACITY, long);
-    let mut over_load = load(&[&over[0], &over[1]], 6.0 * CAPACITY, 20);
-    let mut brief_load = load(&[&brief[0], &brief[1]], CAPACITY, 10);
-
-    // Overload shows at once: the held requests pile up far past one per worker.
-    eventually("the overload is seen", Duration::from_secs(20), || {
-        desired(2, prometheus.mean(&over_query), target) >= 6
-    });
-    let over_signal = prometheus.mean(&over_query);
-    eprintln!(
-        "after {:?}: 3x load: adapter {over_signal:.1} per worker, HPA asks for {}",
-        started.elapsed(),
-        desired(2, over_signal, target)
-    );
+    let fast = capacity(SERVICE_MS);
+    let mut half_load = load(&[&half[0], &half[1]], SERVICE_MS, fast, long);
+    let mut over_load = load(&[&over[0], &over[1]], SERVICE_MS, 6.0 * fast, long);
+    let slow_rate = 6.0 * capacity(SLOW_MS);
+    let mut slow_load = load(&[&slow[0], &slow[1]], SLOW_MS, slow_rate, long);
+    let mut brief_load = load(&[&brief[0], &brief[1]], SERVICE_MS, fast, 10);
     assert!(brief_load.wait().is_ok());
     let brief_stopped = Instant::now();
-    assert!(over_load.wait().is_ok());
 
     // Half load, once the window is full of it: rate x service time / workers = 0.5.
     let expected = 0.5;
@@ -486,6 +426,23 @@ fn the_signal_sees_load_and_overload_and_falls_back_when_it_stops() {
         }
         std::thread::sleep(Duration::from_millis(200)); // between Prometheus queries
     };
+    // Three times the capacity, once the window is full of it: admission keeps the queue short
+    // and refuses the rest, and the refused requests count, so the signal reads about 3 and the
+    // HPA formula asks for at least three times the replicas in one step.
+    for (what, query) in [("10 ms", &over_query), ("1 s", &slow_query)] {
+        eventually(
+            &format!("the {what} overload is seen"),
+            Duration::from_secs(10),
+            || desired(2, prometheus.mean(query), target) >= 6,
+        );
+        let signal = prometheus.mean(query);
+        eprintln!(
+            "after {:?}: 3x load of {what} requests: adapter {signal:.2} per worker, HPA asks \
+             for {}",
+            started.elapsed(),
+            desired(2, signal, target)
+        );
+    }
     let half_signal = prometheus.mean(&half_query);
     let keda_value = prometheus.mean(&keda_query);
     eprintln!(
@@ -541,4 +498,6 @@ fn the_signal_sees_load_and_overload_and_falls_back_when_it_stops() {
         brief_stopped.elapsed()
     );
     assert!(half_load.wait().is_ok());
+    assert!(over_load.wait().is_ok());
+    assert!(slow_load.wait().is_ok());
 }

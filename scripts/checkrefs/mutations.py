@@ -183,10 +183,10 @@ MUTATIONS = [
      "cooldownPeriod does nothing"),
     ("adapter rule serves another name", "standalone",
      lambda d: adapter_rule(d).update(name=dict(adapter_rule(d)["name"], **{"as": "broker_concurrency"})),
-     "metric broker_concurrency_per_worker is not served"),
+     "metric broker_demand_per_worker is not served"),
     ("adapter query on a metric the broker does not export", "standalone",
      lambda d: adapter_rule(d).update(metricsQuery=adapter_rule(d)["metricsQuery"].replace(
-         "broker_inflight_seconds_total", "broker_inflight_second_total")),
+         "broker_demand_seconds_total", "broker_inflight_second_total")),
      "uses metric broker_inflight_second_total"),
     ("alert expression on a metric the broker does not export", "standalone",
      lambda d: prom_rule(d, "BrokerWorkersStuck").update(expr="max by (namespace, pod) (broker_worker_stuck) > 0"),
@@ -220,7 +220,7 @@ MUTATIONS = [
     ("KEDA signal switched but not the adapter's", "keda",
      lambda d: find(d, "ScaledObject")["spec"]["triggers"][0]["metadata"].update(
          query=find(d, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"].replace(
-             "broker_inflight_seconds_total", "broker_worker_busy_seconds_total")),
+             "broker_demand_seconds_total", "broker_worker_busy_seconds_total")),
      "computes the autoscaling signal from"),
     ("scrape job keeps another port name", "standalone",
      lambda d: next(r for r in find_scrape(d)["relabel_configs"]

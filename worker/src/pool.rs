@@ -17,7 +17,7 @@ use shared::metrics::Recorder;
 use shared::protocol::MAX_FRAMES;
 use shared::Metrics;
 
-use crate::queue::{should_shed, QueueState};
+use crate::queue::QueueState;
 use crate::{Context, Frame, Handler, HandlerError};
 
 /// Starting a worker failed.
@@ -319,13 +319,12 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
 }
 
 /// Why `job`, taken at `now` after waiting `waited`, must not be started, if it must not: its
-/// deadline passed, or it waited past the target while a queue stands.
+/// deadline passed, or it waited past the target (and a service time) while a queue stands.
 fn shed(job: &Job, waited: Duration, now: Instant, queue: &QueueState) -> Option<Shed> {
     if job.deadline.is_some_and(|deadline| now >= deadline) {
         return Some(Shed::Deadline);
     }
-    should_shed(waited, queue.standing(now), queue.target(), queue.service())
-        .then_some(Shed::QueueTime)
+    queue.shed(now, waited).then_some(Shed::QueueTime)
 }
 
 /// Runs one request's handler, catching a panic and refusing an oversized reply.

@@ -3,11 +3,13 @@
 //!
 //! As in Facebook's server queues ("Fail at Scale", ACM Queue 2015) and CoDel: while the queue
 //! keeps draining, nothing is refused; once it has not drained for an interval (a *standing*
-//! queue), a request that has waited past the target is not started, and the coordinator
-//! refuses at the door a request whose predicted wait is over the target. The target follows
-//! the service time ([`TARGET_SERVICE_TIMES`] mean service times at least), so a slow handler's
-//! ordinary queue is never taken for overload. The pure decisions are [`should_shed`] and
-//! [`predicted_wait`]; [`QueueState`] holds the measurements.
+//! queue), new requests whose predicted wait plus a service time is past the target are
+//! refused at the door, at once, and a request that has waited past the target plus a service
+//! time (what the door's prediction allowed, and one service time more) is not started. In
+//! steady overload every refusal is then immediate, and workers shed only what the prediction
+//! got wrong. The target follows the service time ([`TARGET_SERVICE_TIMES`] mean service times at
+//! least), so a slow handler's ordinary queue is never taken for overload. The pure decisions
+//! are [`past_target`] and [`predicted_wait`]; [`QueueState`] holds the measurements.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -87,20 +89,52 @@ impl QueueState {
         self.interval.max(self.target())
     }
 
-    /// True when the queue has not drained within the interval as of `now`.
-    pub fn standing(&self, now: Instant) -> bool {
+    /// How long the queue has gone without draining, as of `now`.
+    pub fn undrained(&self, now: Instant) -> Duration {
         let drained = Duration::from_nanos(self.drained_ns.load(Ordering::Relaxed));
         now.saturating_duration_since(self.epoch)
             .saturating_sub(drained)
-            > self.interval()
+    }
+
+    /// True when the queue has not drained within the interval as of `now`.
+    pub fn standing(&self, now: Instant) -> bool {
+        self.undrained(now) > self.interval()
+    }
+
+    /// Whether a worker taking, at `now`, a request that waited `sojourn` must not start it:
+    /// past the target plus one service time in a standing queue. The door lets in only
+    /// requests whose predicted wait plus a service time is within the target, so a worker
+    /// sheds only what the prediction got wrong (the handler's cost changed), not the ordinary
+    /// spread of the wait around it.
+    pub fn shed(&self, now: Instant, sojourn: Duration) -> bool {
+        let limit = self.target().saturating_add(self.service());
+        past_target(self.undrained(now), sojourn, limit, self.interval())
+    }
+
+    /// Whether a request arriving at `now` with `predicted` wait ahead of it would be shed when
+    /// its turn came: it would then have waited `predicted` plus up to a service time (the
+    /// requests running when it arrived), in a queue undrained for as much longer.
+    pub fn shed_at_door(&self, now: Instant, predicted: Duration) -> bool {
+        let wait = predicted.saturating_add(self.service());
+        past_target(
+            self.undrained(now).saturating_add(wait),
+            wait,
+            self.target(),
+            self.interval(),
+        )
     }
 }
 
-/// Whether a worker must not start a request that waited `sojourn`: only while a queue stands,
-/// and only past the target plus one service time (a request admitted at the door with a
-/// predicted wait just under the target may wait up to a service time longer than predicted).
-pub fn should_shed(sojourn: Duration, standing: bool, target: Duration, service: Duration) -> bool {
-    standing && sojourn > target.saturating_add(service)
+/// The one rule: a request that has waited `wait` in a queue that has gone `undrained`
+/// without draining is past its time when the queue stands (undrained longer than `interval`)
+/// and it waited longer than `target`.
+pub fn past_target(
+    undrained: Duration,
+    wait: Duration,
+    target: Duration,
+    interval: Duration,
+) -> bool {
+    undrained > interval && wait > target
 }
 
 /// The wait a request arriving now can expect: `queued` requests ahead of it, shared by
@@ -150,11 +184,35 @@ mod tests {
     }
 
     #[test]
-    fn only_a_standing_queue_sheds_and_only_past_the_target_and_a_service_time() {
-        let (target, service) = (20 * MS, 10 * MS);
-        assert!(!should_shed(Duration::from_secs(5), false, target, service));
-        assert!(!should_shed(30 * MS, true, target, service));
-        assert!(should_shed(31 * MS, true, target, service));
+    fn only_a_standing_queue_sheds_and_only_past_the_target() {
+        let (target, interval) = (20 * MS, 100 * MS);
+        assert!(
+            !past_target(100 * MS, Duration::from_secs(5), target, interval),
+            "draining"
+        );
+        assert!(
+            !past_target(101 * MS, 20 * MS, target, interval),
+            "at the target"
+        );
+        assert!(past_target(101 * MS, 21 * MS, target, interval));
+    }
+
+    #[test]
+    fn the_door_refuses_what_the_worker_would_shed() {
+        let q = QueueState::new(20 * MS, 100 * MS);
+        q.served(10 * MS);
+        let t0 = q.epoch;
+        q.drained(t0);
+        // Just drained (a burst): a wait up to the interval (with a service time) is let in:
+        // it will be served.
+        assert!(!q.shed_at_door(t0, 90 * MS));
+        assert!(q.shed_at_door(t0, 91 * MS), "past the interval by its turn");
+        // Standing: a wait that with one service time exceeds the target is refused.
+        let later = t0 + Duration::from_secs(1);
+        assert!(!q.shed_at_door(later, 10 * MS));
+        assert!(q.shed_at_door(later, 11 * MS));
+        // A worker sheds past the target and one service time: past what the door let in.
+        assert!(q.shed(later, 31 * MS) && !q.shed(later, 30 * MS));
     }
 
     #[test]

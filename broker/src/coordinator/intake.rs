@@ -48,20 +48,18 @@ pub struct Load {
     pub buffered_fits: bool,
     /// New work is refused to stay inside the memory limit.
     pub shedding: bool,
-    /// The queue has not drained within the interval.
-    pub standing: bool,
+    /// A request admitted now would wait past the queue target in a standing queue.
+    pub past_target: bool,
     /// How long a request admitted now can expect to wait for a worker.
     pub predicted_wait: Duration,
-    /// The queue target in force.
-    pub target: Duration,
 }
 
 /// Decides what becomes of a request with `verdict` (from `inspect`) and its client's
 /// `budget` (from its deadline header) under `load`. Health checks are answered in every state,
 /// so a draining or overloaded broker still says so. Refused at the door, in this order: the
-/// drain, a budget already spent, the memory bounds, then time: a predicted wait over the
-/// target while a queue stands (while the queue keeps draining nothing is refused for time),
-/// or longer than the client's budget.
+/// drain, a budget already spent, the memory bounds, then time: a request the queue would shed
+/// when its turn came (past the target in a standing queue; while the queue keeps draining
+/// nothing is refused for time), or whose predicted wait is longer than its client's budget.
 pub fn admit(
     verdict: Result<RequestKind, ErrorCode>,
     budget: Option<Duration>,
@@ -79,9 +77,7 @@ pub fn admit(
         Ok(RequestKind::Work) if !load.conn_fits => refuse(R::MaxConnectionBytes),
         Ok(RequestKind::Work) if !load.buffered_fits => refuse(R::MaxBufferedBytes),
         Ok(RequestKind::Work) if load.shedding => refuse(R::Memory),
-        Ok(RequestKind::Work) if load.standing && load.predicted_wait > load.target => {
-            refuse(R::PredictedWait)
-        }
+        Ok(RequestKind::Work) if load.past_target => refuse(R::PredictedWait),
         Ok(RequestKind::Work) if budget.is_some_and(|b| load.predicted_wait > b) => {
             refuse(R::DeadlineExceeded)
         }
@@ -221,7 +217,11 @@ impl Coordinator {
     fn load(&mut self, origin: Option<Origin>, cost: usize) -> Load {
         let queue = &self.workers.queue;
         let now = self.now;
-        let service = queue.service();
+        let predicted = predicted_wait(
+            self.workers.jobs.len(),
+            self.config.workers,
+            queue.service(),
+        );
         Load {
             draining: self.clock.draining(),
             full: self.inflight.is_full(),
@@ -232,9 +232,8 @@ impl Coordinator {
             }),
             buffered_fits: self.outbox.buffered_room(&mut self.conns, cost as u64),
             shedding: self.guard.shedding(),
-            standing: queue.standing(now),
-            predicted_wait: predicted_wait(self.workers.jobs.len(), self.config.workers, service),
-            target: queue.target(),
+            past_target: queue.shed_at_door(now, predicted),
+            predicted_wait: predicted,
         }
     }
 
@@ -296,9 +295,8 @@ mod tests {
         conn_fits: true,
         buffered_fits: true,
         shedding: false,
-        standing: false,
+        past_target: false,
         predicted_wait: Duration::ZERO,
-        target: Duration::from_millis(20),
     };
 
     const WORK: Result<RequestKind, ErrorCode> = Ok(RequestKind::Work);
@@ -322,9 +320,8 @@ mod tests {
             conn_fits: false,
             buffered_fits: false,
             shedding: true,
-            standing: true,
+            past_target: true,
             predicted_wait: Duration::from_secs(60),
-            target: MS,
         };
         for load in [IDLE, everything] {
             for code in [ErrorCode::TooLarge, ErrorCode::BadRequest] {
@@ -386,8 +383,7 @@ mod tests {
             ),
             (
                 Load {
-                    standing: true,
-                    predicted_wait: 21 * MS,
+                    past_target: true,
                     ..IDLE
                 },
                 R::PredictedWait,
@@ -409,25 +405,24 @@ mod tests {
     }
 
     #[test]
-    fn time_refuses_only_a_standing_queue_over_its_target() {
-        // A long queue that keeps draining (a burst) is not refused for time.
-        let draining_queue = Load {
-            predicted_wait: 5 * 20 * MS,
+    fn a_long_queue_alone_is_not_refused() {
+        // A burst that will drain (the queue's own rule says so): let in.
+        let burst = Load {
+            predicted_wait: Duration::from_millis(90),
             ..IDLE
         };
-        assert_eq!(admit(WORK, None, draining_queue), Admission::Serve);
-        // A standing queue is, once the predicted wait is over the target, not at it.
-        let at = Load {
-            standing: true,
-            predicted_wait: 20 * MS,
-            ..IDLE
-        };
-        assert_eq!(admit(WORK, None, at), Admission::Serve);
-        let over = Load {
-            predicted_wait: 20 * MS + Duration::from_nanos(1),
-            ..at
-        };
-        assert_eq!(admit(WORK, None, over), Admission::Refuse(R::PredictedWait));
+        assert_eq!(admit(WORK, None, burst), Admission::Serve);
+        assert_eq!(
+            admit(
+                WORK,
+                None,
+                Load {
+                    past_target: true,
+                    ..burst
+                }
+            ),
+            Admission::Refuse(R::PredictedWait)
+        );
     }
 
     #[test]
@@ -469,9 +464,8 @@ mod tests {
             conn_fits: false,
             buffered_fits: false,
             shedding: true,
-            standing: true,
+            past_target: true,
             predicted_wait: Duration::from_secs(1),
-            target: MS,
         };
         assert_eq!(
             admit(WORK, Some(Duration::ZERO), everything),
