@@ -1,5 +1,5 @@
 //! Regression bench: the real broker binary driven by the project's own load driver
-//! (`client::load`, what `broker bench` runs), for tracking the broker's speed from change to
+//! (`tools::load`, what `broker bench` runs), for tracking the broker's speed from change to
 //! change with criterion's saved baselines. It compares nothing: the comparison with libzmq's
 //! C proxy, measured by a C client that shares no code with the broker, is
 //! `scripts/compare.sh` (docs/performance.md).
@@ -12,11 +12,11 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use client::load::{self, Plan};
 use client::Security;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
+use tools::load::{self, Plan};
 
 struct Case {
     name: &'static str,
@@ -90,7 +90,7 @@ impl Broker {
             .spawn()
             .expect("taskset + broker start (util-linux)");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while client::probe::probe_zmq(&endpoint, Duration::from_millis(200), &Security::None)
+        while tools::probe::probe_zmq(&endpoint, Duration::from_millis(200), &Security::None)
             .is_err()
         {
             assert!(
@@ -136,6 +136,8 @@ fn regression(c: &mut Criterion) {
             rate: None,
             threads: 1,
             timeout: Duration::from_secs(5),
+            // As `broker bench` runs by default: the broker strips it.
+            deadline_header: true,
             verify: true,
             raw: false,
             first_frame: None,

@@ -20,7 +20,7 @@ use shared::Metrics;
 use worker::handlers::{Cpu, Echo, Sleep};
 use worker::{Activity, Handler, MakeHandler, Pool, Worker};
 
-/// The retrying client, `broker probe` and `broker bench` (the `tools` feature).
+/// The client library: the retrying client, resolution, CURVE settings (the `tools` feature).
 #[cfg(feature = "tools")]
 pub use client;
 pub use config::Config;

@@ -1,5 +1,5 @@
-//! `broker`: serve (the default), or run one of the tools that share its flags' style:
-//! `probe` (exec health check), `bench` (load client), `keygen` (a CURVE key pair).
+//! `broker`: serve (the default), or run one of the tools (the `tools` crate) that share its
+//! flags' style: `probe` (exec health check), `bench` (load client), `keygen` (a CURVE key pair).
 
 use std::process::ExitCode;
 
@@ -24,10 +24,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Health-check a running broker (for exec probes): exit 0 on a reply, 1 otherwise.
-    Probe(client::probe::ProbeArgs),
+    /// Health-check a running broker (for exec probes): exit 0 when it is serving, 1 otherwise.
+    Probe(tools::probe::ProbeArgs),
     /// Load a running broker and report throughput and latency.
-    Bench(client::bench::BenchArgs),
+    Bench(tools::bench::BenchArgs),
     /// Print a new CURVE key pair (Z85) for the broker or a client.
     Keygen,
 }
@@ -38,9 +38,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Some(Command::Probe(args)) => client::probe::run(&args),
-        Some(Command::Bench(args)) => client::bench::run(&args),
-        Some(Command::Keygen) => broker::access::keygen(),
+        Some(Command::Probe(args)) => tools::probe::run(&args),
+        Some(Command::Bench(args)) => tools::bench::run(&args),
+        Some(Command::Keygen) => tools::keygen::run(),
         None => broker::serve(cli.serve, broker::builtin_handler),
     }
 }

@@ -1,10 +1,16 @@
-//! `broker bench` against the real broker: counts, verification and the JSON report.
+//! `broker bench` against the real broker: counts, verification and the JSON report; its
+//! deadlines (the header each request carries, replies after `--timeout` counted late) against
+//! the real broker and against ZeroMQ services that do not know the header.
 
 mod common;
+mod peers;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::Broker;
+use peers::ZmqService;
+use shared::protocol::parse_timeout_header;
 
 fn bench(args: &[&str]) -> (Option<i32>, serde_json::Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_broker"))
@@ -240,4 +246,176 @@ fn an_endpoint_that_never_finishes_its_handshake_is_named_and_the_run_goes_on() 
     );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON report");
     assert_eq!(report["ok"], 100, "{report}");
+}
+
+/// Answers like `benches/c/router_echo.c` (and any echo that does not know the deadline header):
+/// `OK` and the body as it came, the header included.
+fn ok_echo(body: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    [vec![b"OK".to_vec()], body.to_vec()].concat()
+}
+
+#[test]
+fn each_request_carries_its_budget_and_an_echo_that_returns_it_verifies() {
+    let echo = ZmqService::start(ok_echo);
+    let args = |extra: &[&'static str]| {
+        let mut args = vec![
+            "--endpoint",
+            &echo.endpoint,
+            "--requests",
+            "200",
+            "--clients",
+            "2",
+            "--window",
+            "4",
+            "--timeout",
+            "2s",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| bench(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (code, report) = run(args(&[]));
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(
+        (report["ok"].as_u64(), report["mismatched"].as_u64()),
+        (Some(200), Some(0))
+    );
+    let bodies: Vec<Vec<Vec<u8>>> = echo.bodies.try_iter().collect();
+    assert_eq!(bodies.len(), 200);
+    for body in &bodies {
+        // [deadline header, body]: the header first, right after the envelope.
+        let budget = match &body[..] {
+            [header, _] => parse_timeout_header(header),
+            _ => None,
+        };
+        match budget {
+            Some(Ok(budget)) => assert!(budget <= Duration::from_secs(2), "{budget:?}"),
+            _ => panic!("no deadline header: {body:?}"),
+        }
+    }
+
+    let (code, report) = run(args(&["--no-deadline-header"]));
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(report["ok"], 200, "{report}");
+    let bodies: Vec<Vec<Vec<u8>>> = echo.bodies.try_iter().collect();
+    assert_eq!(bodies.len(), 200);
+    assert!(
+        bodies.iter().all(|body| body.len() == 1),
+        "no header: {:?}",
+        bodies[0]
+    );
+}
+
+#[test]
+fn replies_after_the_timeout_are_counted_late_not_ok() {
+    // Every request takes 50 ms and the client waits 30 ms: each OK comes too late. Without the
+    // header the broker runs them all whatever their budget, so lateness is certain.
+    let broker = Broker::start(&["--workers", "1", "--handler", "sleep"]);
+    let (code, stdout, stderr, _) = bench_raw(&[
+        "--endpoint",
+        &broker.front,
+        "--no-deadline-header",
+        "--first-frame",
+        "50",
+        "--timeout",
+        "30ms",
+        "--duration",
+        "1s",
+        "--clients",
+        "1",
+        "--window",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, Some(1), "no OK in time: {stdout} {stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON report");
+    let count = |key: &str| report[key].as_u64().unwrap_or(u64::MAX);
+    assert_eq!((count("ok"), count("mismatched")), (0, 0), "{report}");
+    assert!(count("late") >= 5, "{report}");
+    // The last request may still be running when the run ends: lost, not late.
+    assert!(count("lost") <= 1, "{report}");
+    assert_eq!(count("late") + count("lost"), count("sent"), "{report}");
+    // The one-line reason: the lost request if there is one, else that no OK came in time.
+    let why = if count("lost") == 0 {
+        "late"
+    } else {
+        "1 replies lost"
+    };
+    assert!(stderr.contains(why), "{stderr}");
+    assert_eq!(
+        report["latency_us"]["max"], 0,
+        "late replies are not OK latencies"
+    );
+}
+
+#[test]
+fn error_codes_the_tool_does_not_know_are_counted_by_their_name() {
+    // A server newer than this tool, say: its codes are kept as they came.
+    let newer = ZmqService::start(|_| {
+        vec![
+            b"ERR".to_vec(),
+            b"quota_exceeded".to_vec(),
+            b"over the tenant's quota".to_vec(),
+        ]
+    });
+    let (code, report) = bench(&["--endpoint", &newer.endpoint, "--requests", "50"]);
+    assert_eq!(code, Some(1), "only errors: {report}");
+    assert_eq!(report["errors"]["quota_exceeded"], 50, "{report}");
+}
+
+#[test]
+fn the_broker_strips_the_header_and_refuses_what_cannot_be_done_in_time() {
+    let broker = Broker::start(&["--workers", "1", "--handler", "sleep"]);
+    let run = |ms: &str, timeout: &str| {
+        let (code, stdout, stderr, _) = bench_raw(&[
+            "--endpoint",
+            &broker.front,
+            "--first-frame",
+            ms,
+            "--timeout",
+            timeout,
+            "--duration",
+            "1s",
+            "--clients",
+            "1",
+            "--window",
+            "4",
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("JSON report ({e}): {stdout} {stderr}"));
+        (code, report)
+    };
+    let count = |report: &serde_json::Value, key: &str| report[key].as_u64().unwrap_or(u64::MAX);
+    // Room in the budget: every request is served, and the sleep handler read its
+    // milliseconds from the first frame after the header, which the broker stripped (the echo
+    // verifies without it).
+    let (code, report) = run("5", "2s");
+    assert_eq!(code, Some(0), "{report}");
+    assert!(count(&report, "ok") > 0, "{report}");
+    assert_eq!(count(&report, "ok"), count(&report, "sent"), "{report}");
+    // 200 ms of work per request, 100 ms budgets, one worker: nothing can be done in time,
+    // and the broker says so instead of doing it for nobody.
+    let (code, report) = run("200", "100ms");
+    assert_eq!(code, Some(1), "no OK in time: {report}");
+    assert_eq!(
+        (count(&report, "ok"), count(&report, "mismatched")),
+        (0, 0),
+        "{report}"
+    );
+    assert!(
+        report["errors"]["deadline_exceeded"].as_u64() > Some(0),
+        "{report}"
+    );
+    let errors: u64 = report["errors"]
+        .as_object()
+        .expect("errors")
+        .values()
+        .filter_map(|n| n.as_u64())
+        .sum();
+    assert_eq!(
+        count(&report, "late") + errors + count(&report, "lost"),
+        count(&report, "sent"),
+        "{report}"
+    );
 }

@@ -1,7 +1,8 @@
-//! The retrying client (`client::Client`) against real brokers, with a resolver the test
-//! controls standing in for DNS: a broker added to the set gets its share of requests within
-//! the re-resolve interval, one removed gets none, and no request fails; a late reply to an
-//! earlier, timed-out attempt is never taken for the current request.
+//! Clients against real brokers. The retrying client (`client::Client`), with a resolver the
+//! test controls standing in for DNS: a broker added to the set gets its share of requests
+//! within the re-resolve interval, one removed gets none, and no request fails; a late reply to
+//! an earlier, timed-out attempt is never taken for the current request. And a client in
+//! another language: docs/protocol.md's pyzmq deadline example, run as written.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use client::resolve::{self, Resolve};
 use client::{Client, RetryPolicy, Security};
+use common::deploy::repo;
 use common::{eventually, metric, ok_count, Broker, EVENT_TIMEOUT};
 
 /// The address set a headless Service's DNS would return, changed by the test.
@@ -104,9 +106,13 @@ fn added_brokers_get_requests_and_removed_ones_none_and_nothing_fails() {
 fn a_late_reply_to_a_timed_out_attempt_is_never_taken_for_the_next_request() {
     // Two workers: the next request is served while the first still sleeps.
     let broker = Broker::start(&["--workers", "2", "--handler", "sleep"]);
+    // Without the deadline header the sleep handler does not know when the client gives up
+    // (as with a handler that ignores its deadline, or a broker older than the header), so
+    // its reply comes after the timeout.
     let policy = RetryPolicy {
         timeout: Duration::from_millis(300),
         retries: 0,
+        deadline_header: false,
         ..RetryPolicy::default()
     };
     let mut client = Client::new(std::slice::from_ref(&broker.front), policy).expect("client");
@@ -140,4 +146,59 @@ fn a_late_reply_to_a_timed_out_attempt_is_never_taken_for_the_next_request() {
         (3, 1, 1),
         "{stats:?}"
     );
+}
+
+/// The Python code block under `heading` in docs/protocol.md.
+fn protocol_example(heading: &str) -> String {
+    let doc = std::fs::read_to_string(repo().join("docs/protocol.md")).expect("docs/protocol.md");
+    let section = doc
+        .split_once(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("no {heading:?} in docs/protocol.md"))
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .unwrap_or_else(|| panic!("no python block under {heading:?}"))
+        .0;
+    code.to_owned()
+}
+
+/// Runs the example against `broker` (its endpoint put in place of `tcp://broker:5555`) with
+/// the project's venv Python (scripts/setup installs pyzmq there), and checks that it prints
+/// exactly what its `# -> ` comments say, in order.
+fn run_example(code: &str, broker: &Broker) {
+    assert_eq!(code.matches("tcp://broker:5555").count(), 1, "{code}");
+    let code = code.replace("tcp://broker:5555", &broker.front);
+    let expected: Vec<&str> = code
+        .lines()
+        .filter_map(|l| l.split_once("# -> ").map(|(_, want)| want.trim()))
+        .collect();
+    assert!(!expected.is_empty(), "the example states no output");
+    let python = repo().join("target/tools/venv/bin/python");
+    let timeout = EVENT_TIMEOUT.as_secs().to_string();
+    let output = std::process::Command::new("timeout")
+        .arg(&timeout)
+        .arg(&python)
+        .args(["-c", &code])
+        .output()
+        .unwrap_or_else(|e| panic!("{} runs (scripts/setup makes it): {e}", python.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{:?}: {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected);
+}
+
+#[test]
+fn the_protocol_docs_pyzmq_deadline_example_runs_as_written() {
+    let broker = Broker::start(&["--workers", "1"]);
+    run_example(
+        &protocol_example("### pyzmq: a request with a deadline"),
+        &broker,
+    );
+    // Refused before a worker: the two refusals reached no handler.
+    assert_eq!(ok_count(&broker), 1);
 }

@@ -1,11 +1,8 @@
-//! The client side of the broker, apart from the server: the retrying [`Client`] that
-//! applications and tests use, endpoint resolution, CURVE settings, `broker probe`, and the
-//! load driver behind `broker bench` and the benchmarks.
+//! The broker's client library, what an application embeds: the retrying [`Client`] (Lazy
+//! Pirate on a DEALER), endpoint resolution ([`resolve`]) and CURVE settings ([`Security`]).
+//! It pulls in no command-line or report dependencies; the tools built on it (`broker probe`,
+//! `broker bench`, the load driver, `broker keygen`) are the `tools` crate.
 
-pub mod bench;
-pub mod handshake;
-pub mod load;
-pub mod probe;
 pub mod resolve;
 pub mod retry;
 pub mod security;

@@ -6,15 +6,22 @@
 //!   discarded, never taken for the current request;
 //! - every attempt has a timeout; on timeout the socket is closed and reopened (the old
 //!   connection may be to a dead pod);
-//! - `ERR draining` and `ERR overloaded` are retried after a backoff, on a fresh connection so
-//!   a load balancer can pick another instance; other `ERR` replies are final;
+//! - every attempt carries its deadline, the header frame `\0broker.timeout-ms=N` right after
+//!   the envelope, N what is left of that attempt's timeout when it is sent: the broker never
+//!   starts work whose client has stopped waiting, and the handler knows how long it has. It
+//!   is the attempt's timeout, not the call's, because a reply after it is discarded (the next
+//!   attempt has a new id); the call has no deadline of its own;
+//! - `ERR draining`, `ERR overloaded` and `ERR deadline_exceeded` (the attempt's budget ran out
+//!   before its work could be done: a timeout the broker saw first) are retried after a
+//!   backoff, on a fresh connection so a load balancer can pick another instance; other `ERR`
+//!   replies are final;
 //! - the socket connects to every address of every endpoint and re-resolves names on a timer
 //!   (default 30 s) and on every reconnect, connecting to new addresses and dropping vanished
 //!   ones, so pods added by an autoscaler get their share and replaced pods are forgotten.
 
 use std::time::{Duration, Instant};
 
-use shared::protocol::{parse_reply, Reply};
+use shared::protocol::{parse_reply, timeout_header, Reply};
 use shared::ErrorCode;
 
 use crate::resolve::{self, Dns, Resolve};
@@ -33,6 +40,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// How often names are resolved again while the socket is open.
     pub reresolve: Duration,
+    /// Send each attempt's deadline header (on by default). Off only for a server that would
+    /// take it for body: a broker older than the header, or a plain ZeroMQ service.
+    pub deadline_header: bool,
 }
 
 impl Default for RetryPolicy {
@@ -43,6 +53,7 @@ impl Default for RetryPolicy {
             backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             reresolve: Duration::from_secs(30),
+            deadline_header: true,
         }
     }
 }
@@ -62,6 +73,8 @@ pub struct Stats {
     pub draining: u64,
     /// `ERR overloaded` replies seen.
     pub overloaded: u64,
+    /// `ERR deadline_exceeded` replies seen.
+    pub deadline_exceeded: u64,
     /// Sockets reopened.
     pub reconnects: u64,
     /// Replies discarded because they answered an earlier attempt.
@@ -81,6 +94,7 @@ impl Stats {
         self.timeouts += other.timeouts;
         self.draining += other.draining;
         self.overloaded += other.overloaded;
+        self.deadline_exceeded += other.deadline_exceeded;
         self.reconnects += other.reconnects;
         self.stale += other.stale;
         self.added += other.added;
@@ -198,11 +212,11 @@ impl Client {
                     return Ok(frames);
                 }
                 Some(Reply::Err { code, message }) => match code {
-                    ErrorCode::Draining | ErrorCode::Overloaded => {
-                        if code == ErrorCode::Draining {
-                            self.stats.draining += 1;
-                        } else {
-                            self.stats.overloaded += 1;
+                    ErrorCode::Draining | ErrorCode::Overloaded | ErrorCode::DeadlineExceeded => {
+                        match code {
+                            ErrorCode::Draining => self.stats.draining += 1,
+                            ErrorCode::Overloaded => self.stats.overloaded += 1,
+                            _ => self.stats.deadline_exceeded += 1,
                         }
                         // A fresh connection lets a balancer pick another instance.
                         self.reopen();
@@ -296,12 +310,18 @@ impl Client {
         let deadline = Instant::now() + self.policy.timeout;
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id.to_be_bytes();
+        let with_header = self.policy.deadline_header;
         let socket = self.socket()?;
-        let mut frames: Vec<&[u8]> = Vec::with_capacity(body.len() + 2);
-        frames.extend([&id[..], b""]);
-        frames.extend_from_slice(body);
         // With ZMQ_IMMEDIATE and no connected peer the send would block: wait for one.
         loop {
+            // The budget is what is left when the request leaves, not when it was first tried.
+            let header = timeout_header(deadline.saturating_duration_since(Instant::now()));
+            let mut frames: Vec<&[u8]> = Vec::with_capacity(body.len() + 3);
+            frames.extend([&id[..], b""]);
+            if with_header {
+                frames.push(&header[..]);
+            }
+            frames.extend_from_slice(body);
             match socket.send_multipart(&frames, zmq::DONTWAIT) {
                 Ok(()) => break,
                 Err(zmq::Error::EAGAIN) if Instant::now() < deadline => {
@@ -355,18 +375,27 @@ fn jitter(base: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    /// A ROUTER on a free loopback port standing in for the broker, and its endpoint.
+    fn peer() -> (zmq::Socket, String) {
+        let peer = zmq::Context::new().socket(zmq::ROUTER).expect("router");
+        peer.bind("tcp://127.0.0.1:0").expect("bind");
+        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        (peer, endpoint)
+    }
+
     /// A peer that answers with someone else's id first (a late reply to an earlier attempt,
     /// as a proxy that kept the connection could deliver it), then with the right one.
     #[test]
     fn a_reply_with_another_id_is_discarded_and_counted() {
-        let ctx = zmq::Context::new();
-        let peer = ctx.socket(zmq::ROUTER).expect("router");
-        peer.bind("tcp://127.0.0.1:0").expect("bind");
-        let endpoint = peer.get_last_endpoint().expect("endpoint").expect("utf-8");
+        let (peer, endpoint) = peer();
         let server = std::thread::spawn(move || {
             let request = peer.recv_multipart(0).expect("request");
-            assert_eq!(request.len(), 4, "[routing id, request id, \"\", body]");
-            let (routing, id, body) = (&request[0], &request[1], &request[3]);
+            assert_eq!(
+                request.len(),
+                5,
+                "[routing id, request id, \"\", deadline header, body]"
+            );
+            let (routing, id, body) = (&request[0], &request[1], &request[4]);
             let mut old = id.clone();
             old[7] ^= 1;
             for reply_id in [&old, id] {
@@ -389,5 +418,91 @@ mod tests {
         );
         drop(server.join().expect("peer"));
         assert_eq!((client.stats().stale, client.stats().ok), (1, 1));
+    }
+
+    /// A peer that lets the first attempt time out and answers the second: each attempt carries
+    /// a deadline header after its envelope, of at most the attempt's timeout, and the body
+    /// follows it unchanged.
+    #[test]
+    fn every_attempt_carries_what_is_left_of_its_timeout() {
+        let (peer, endpoint) = peer();
+        let timeout = Duration::from_millis(300);
+        let server = std::thread::spawn(move || {
+            let mut budgets = Vec::new();
+            for attempt in 0..2 {
+                let request = peer.recv_multipart(0).expect("request");
+                let [routing, id, delimiter, header, body] = &request[..] else {
+                    panic!("attempt {attempt}: {request:?}");
+                };
+                assert!(delimiter.is_empty() && body == b"job", "{request:?}");
+                let budget = shared::protocol::parse_timeout_header(header)
+                    .unwrap_or_else(|| panic!("not a deadline header: {header:?}"))
+                    .expect("well formed");
+                budgets.push(budget);
+                if attempt == 1 {
+                    let frames: [&[u8]; 5] = [routing, id, b"", b"OK", body];
+                    peer.send_multipart(frames, 0).expect("reply");
+                }
+            }
+            (peer, budgets)
+        });
+        let policy = RetryPolicy {
+            timeout,
+            retries: 1,
+            ..RetryPolicy::default()
+        };
+        let mut client = Client::new(&[endpoint], policy).expect("client");
+        assert_eq!(client.request(&[b"job"]).expect("reply"), [b"job".to_vec()]);
+        let (_peer, budgets) = server.join().expect("peer");
+        assert_eq!(budgets.len(), 2);
+        for budget in budgets {
+            assert!(budget <= timeout, "{budget:?} is more than the attempt has");
+        }
+        assert_eq!((client.stats().timeouts, client.stats().ok), (1, 1));
+    }
+
+    /// `ERR deadline_exceeded` (the budget ran out at the broker) is retried on a fresh
+    /// connection, as a timeout would be, and counted.
+    #[test]
+    fn deadline_exceeded_is_retried_on_a_fresh_connection() {
+        let (peer, endpoint) = peer();
+        let server = std::thread::spawn(move || {
+            for attempt in 0..2 {
+                let request = peer.recv_multipart(0).expect("request");
+                let (routing, id) = (&request[0], &request[1]);
+                let body: &[&[u8]] = match attempt {
+                    0 => &[b"ERR", b"deadline_exceeded", b"the budget ran out"],
+                    _ => &[b"OK", b"done"],
+                };
+                let frames = [&routing[..], &id[..], b""]
+                    .into_iter()
+                    .chain(body.iter().copied());
+                peer.send_multipart(frames, 0).expect("reply");
+            }
+            peer
+        });
+        let policy = RetryPolicy {
+            timeout: Duration::from_secs(5),
+            retries: 1,
+            backoff: Duration::from_millis(1),
+            ..RetryPolicy::default()
+        };
+        let mut client = Client::new(&[endpoint], policy).expect("client");
+        assert_eq!(
+            client.request(&[b"job"]).expect("reply"),
+            [b"done".to_vec()]
+        );
+        drop(server.join().expect("peer"));
+        let stats = client.stats();
+        assert_eq!(
+            (
+                stats.deadline_exceeded,
+                stats.retries,
+                stats.reconnects,
+                stats.ok
+            ),
+            (1, 1, 1, 1),
+            "{stats:?}"
+        );
     }
 }

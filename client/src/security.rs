@@ -1,9 +1,7 @@
-//! Client-side CURVE: the broker's public key and the client's own key pair, read from flags,
-//! environment variables and key files, and applied to every socket the tools open.
-//!
-//! Key files are read as [`shared::curve`] describes.
+//! Client-side CURVE: the broker's public key and the client's own key pair, applied to a
+//! socket before it connects. Key files are read as [`shared::curve`] describes; the tools'
+//! flags for them are `tools::curve::CurveArgs`.
 
-use clap::Args;
 pub use shared::curve::{decode_key, encode_key, read_key_file, Key, KeyError, SecretKey};
 
 /// How a client socket authenticates.
@@ -40,62 +38,5 @@ impl Security {
                 .map_err(err("curve"))?;
         }
         Ok(())
-    }
-}
-
-/// CURVE flags that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum CurveArgsError {
-    /// A key given on the command line, or flags missing (the message names them).
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    /// A key file that cannot be used, with the flag that named it.
-    #[error("{0} {1}")]
-    File(&'static str, KeyError),
-}
-
-/// CURVE flags shared by `broker probe` and `broker bench`.
-#[derive(Clone, Debug, Default, Args)]
-pub struct CurveArgs {
-    /// The broker's CURVE public key (Z85); with --curve-key-file, connect with CURVE.
-    #[arg(
-        long,
-        env = "BROKER_CURVE_SERVER_KEY",
-        conflicts_with = "curve_server_key_file"
-    )]
-    pub curve_server_key: Option<String>,
-    /// A file holding the broker's public key (a bare Z85 key or a `public-key = ` line),
-    /// instead of --curve-server-key.
-    #[arg(long, env = "BROKER_CURVE_SERVER_KEY_FILE")]
-    pub curve_server_key_file: Option<std::path::PathBuf>,
-    /// This client's key pair, as `broker keygen` writes it.
-    #[arg(long, env = "BROKER_CURVE_KEY_FILE")]
-    pub curve_key_file: Option<std::path::PathBuf>,
-}
-
-impl CurveArgs {
-    /// The security these flags ask for.
-    pub fn security(&self) -> Result<Security, CurveArgsError> {
-        let server = match (&self.curve_server_key, &self.curve_server_key_file) {
-            (Some(key), _) => Some(decode_key(key, "--curve-server-key")?),
-            (None, Some(file)) => Some(
-                read_key_file(file, "public")
-                    .map_err(|e| CurveArgsError::File("--curve-server-key-file", e))?,
-            ),
-            (None, None) => None,
-        };
-        match (server, &self.curve_key_file) {
-            (None, None) => Ok(Security::None),
-            (Some(server), Some(file)) => {
-                let (public, secret) = shared::curve::read_key_pair(file)
-                    .map_err(|e| CurveArgsError::File("--curve-key-file", e))?;
-                Ok(Security::Curve {
-                    server,
-                    public,
-                    secret,
-                })
-            }
-            _ => Err(KeyError::Incomplete.into()),
-        }
     }
 }

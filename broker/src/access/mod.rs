@@ -44,26 +44,3 @@ impl Policy {
         self.networks.is_some() || self.keys.is_some()
     }
 }
-
-/// `broker keygen`: prints a new CURVE key pair in the format the key-file flags read.
-pub fn keygen() -> std::process::ExitCode {
-    if zmq::has("curve") != Some(true) {
-        eprintln!("error: this libzmq was built without CURVE (libsodium)");
-        return std::process::ExitCode::FAILURE;
-    }
-    match zmq::CurveKeyPair::new() {
-        Ok(pair) => {
-            let z85 = |key: &[u8; 32]| zmq::z85_encode(key).unwrap_or_default();
-            println!(
-                "# CURVE key pair (Z85). The public key may be shared; keep the secret one secret."
-            );
-            println!("public-key = \"{}\"", z85(&pair.public_key));
-            println!("secret-key = \"{}\"", z85(&pair.secret_key));
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: cannot generate a key pair: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}

@@ -51,6 +51,11 @@ impl Seen {
         self.handshake_done && self.failure.is_none()
     }
 
+    /// A TCP (or IPC) connection was made.
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
     /// A connect failed and none has succeeded: nothing listening there (yet).
     pub fn unreachable(&self) -> bool {
         self.retried && !self.connected

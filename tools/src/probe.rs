@@ -1,18 +1,30 @@
 //! `broker probe`: an exec-probe client for images without a shell. It sends the reserved
 //! health request through the front socket (answered by the coordinator itself, ahead of any
-//! queued work) or GETs an admin URL, and exits 0 on an answer within the timeout, else 1 with
-//! a one-line reason on stderr.
+//! queued work), with `--timeout` as its deadline header, or GETs an admin URL. Exit 0 only when a broker answers that it is serving (or
+//! the URL answers 2xx); else 1 with a one-line reason on stderr: the state a broker is in
+//! when it is not serving, what a peer that is not a broker answered, or what the connection
+//! did meanwhile (including a peer that does not speak ZMTP at all, see [`crate::greeting`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::handshake::{watch, Seen};
+use clap::builder::StringValueParser;
 use clap::Args;
-use shared::protocol::{parse_reply, Reply, HEALTH_REQUEST};
+use client::Security;
+use shared::parse::Trimmed;
+use shared::protocol::{timeout_header, HEALTH_REQUEST, STATUS_OK};
 
-use crate::security::{CurveArgs, Security};
+use crate::curve::CurveArgs;
+use crate::greeting::{first_line, Greeting};
+use crate::handshake::{watch, Seen};
+
+/// The states a broker's health reply names (`OK <state>`, docs/protocol.md), as
+/// `broker::State::as_str` spells them; only [`SERVING`] passes the probe.
+pub const HEALTH_STATES: [&str; 5] = ["starting", "serving", "stopping", "draining", "stopped"];
+/// The one state in which the probe exits 0.
+pub const SERVING: &str = "serving";
 
 /// The longest `--timeout`.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -24,14 +36,15 @@ pub struct ProbeArgs {
     #[arg(
         long,
         env = "BROKER_PROBE_ENDPOINT",
-        default_value = "tcp://127.0.0.1:5555"
+        default_value = "tcp://127.0.0.1:5555",
+        value_parser = Trimmed(StringValueParser::new())
     )]
     pub endpoint: String,
     /// Give up (exit 1) when no reply came within this time (more than 0, at most 1h).
-    #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = parse_timeout, default_value = "500ms")]
+    #[arg(long, env = "BROKER_PROBE_TIMEOUT", value_parser = Trimmed(parse_timeout), default_value = "500ms")]
     pub timeout: Duration,
     /// Probe this admin URL (e.g. http://127.0.0.1:8000/livez) instead; 2xx is healthy.
-    #[arg(long, env = "BROKER_PROBE_HTTP", value_parser = parse_http_url)]
+    #[arg(long, env = "BROKER_PROBE_HTTP", value_parser = Trimmed(parse_http_url))]
     pub http: Option<String>,
     /// CURVE settings, for a broker that requires them.
     #[command(flatten)]
@@ -69,9 +82,15 @@ pub enum ProbeError {
     /// Nothing came back in time; the last says what the connection did meanwhile.
     #[error("no reply from {0} within {1:?}: {2}")]
     Timeout(String, Duration, String),
-    /// Something came back, but not a health reply.
-    #[error("unexpected reply from {0}: {1}")]
-    BadReply(String, String),
+    /// A broker answered, in a state other than serving.
+    #[error("{0}: broker is {1}")]
+    NotServing(String, &'static str),
+    /// A ZeroMQ peer answered, but not with a broker's health reply (an echo service, say).
+    #[error("{0} is not a broker: it answered {1}")]
+    NotBroker(String, String),
+    /// The peer does not speak ZMTP (an HTTP server, an SSH banner, garbage).
+    #[error("{0} is not a ZeroMQ peer: it answered '{1}'")]
+    NotZmtp(String, String),
     /// The admin URL could not be used.
     #[error("{0}")]
     Http(String),
@@ -82,18 +101,13 @@ pub enum ProbeError {
 
 /// Runs the probe and maps the result to the exit code.
 pub fn run(args: &ProbeArgs) -> ExitCode {
-    // Settings that cannot work are a usage error (2), never a failed probe (1): a kubelet
-    // restarting the pod would not fix them.
-    let security = match args.curve.security() {
+    let security = match args.curve.security_or_usage_error() {
         Ok(security) => security,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = match &args.http {
         Some(url) => probe_http(url, args.timeout),
-        None => probe_zmq(&args.endpoint, args.timeout, &security),
+        None => probe_zmq(&args.endpoint, args.timeout, &security).map(str::to_owned),
     };
     match result {
         Ok(state) => {
@@ -129,12 +143,12 @@ fn check_endpoint(endpoint: &str) -> Result<(), ProbeError> {
     }
 }
 
-/// Sends a health request to `endpoint`; returns the broker's state.
+/// Sends a health request to `endpoint`; returns the broker's state when it is serving.
 pub fn probe_zmq(
     endpoint: &str,
     timeout: Duration,
     security: &Security,
-) -> Result<String, ProbeError> {
+) -> Result<&'static str, ProbeError> {
     check_endpoint(endpoint)?;
     let ctx = zmq::Context::new();
     let socket = ctx
@@ -155,10 +169,16 @@ pub fn probe_zmq(
     socket
         .connect(endpoint)
         .map_err(|e| ProbeError::Zmq("connect", e))?;
+    let started = Instant::now();
+    let deadline = started + timeout;
+    // The probe's deadline travels with it, as every client's does (docs/protocol.md).
     socket
-        .send(HEALTH_REQUEST, zmq::DONTWAIT)
+        .send(timeout_header(timeout), zmq::DONTWAIT | zmq::SNDMORE)
+        .and_then(|()| socket.send(HEALTH_REQUEST, zmq::DONTWAIT))
         .map_err(|e| ProbeError::Zmq("send", e))?;
-    let deadline = Instant::now() + timeout;
+    // A connection whose handshake is still unfinished by then is looked at raw, once.
+    let suspicious_at = started + timeout / 2;
+    let mut looked = false;
     let mut events = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -166,32 +186,93 @@ pub fn probe_zmq(
             socket.as_poll_item(zmq::POLLIN),
             monitor.as_poll_item(zmq::POLLIN),
         ];
-        match zmq::poll(&mut items, left.as_millis() as i64) {
-            Ok(0) => {
+        // Wake at the halfway mark to look; after it, events and the reply wake the loop.
+        let now = Instant::now();
+        let wait = match looked || now >= suspicious_at {
+            true => left,
+            false => left.min(suspicious_at - now),
+        };
+        match zmq::poll(&mut items, wait.as_millis() as i64) {
+            Ok(_) if items[0].is_readable() => break,
+            Ok(_) if left.is_zero() => {
                 return Err(ProbeError::Timeout(
                     endpoint.into(),
                     timeout,
                     seen.why().into(),
                 ))
             }
-            Ok(_) if items[0].is_readable() => break,
-            Ok(_) => {
-                seen.read(&monitor, &mut events);
-            }
-            Err(zmq::Error::EINTR) if !left.is_zero() => continue,
+            Ok(_) => seen.read(&monitor, &mut events),
+            Err(zmq::Error::EINTR) => continue,
             Err(e) => return Err(ProbeError::Zmq("poll", e)),
+        }
+        // A failed handshake, or one that takes this long, may be a peer that is no ZeroMQ
+        // peer at all; the monitor cannot tell, the first bytes on a raw connection can.
+        let stalled = seen.connected() && !seen.handshake_done() && Instant::now() >= suspicious_at;
+        if !looked && (seen.failure().is_some() || stalled) {
+            looked = true;
+            let budget = deadline.saturating_duration_since(Instant::now());
+            if let Greeting::Other(answer) = Greeting::read(endpoint, budget) {
+                return Err(ProbeError::NotZmtp(endpoint.into(), first_line(&answer)));
+            }
         }
     }
     let frames = socket
         .recv_multipart(zmq::DONTWAIT)
         .map_err(|e| ProbeError::Zmq("recv", e))?;
-    match parse_reply(frames) {
-        Ok(Reply::Ok(frames)) if frames.len() == 1 => {
-            Ok(String::from_utf8_lossy(&frames[0]).into_owned())
+    health_state(&frames).map_err(|what| match what {
+        Answer::State(state) => ProbeError::NotServing(endpoint.into(), state),
+        Answer::Other(what) => ProbeError::NotBroker(endpoint.into(), what),
+    })
+}
+
+/// A health reply that does not pass.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// A broker in this state (one of [`HEALTH_STATES`] but [`SERVING`]).
+    State(&'static str),
+    /// Not a broker's health reply: the frames, described.
+    Other(String),
+}
+
+/// Reads a health reply body: `OK serving` passes; `OK <another state>` is a broker that is not
+/// serving; anything else (an echo of the request, an `OK` with other frames, an `ERR`) is not
+/// a broker's answer.
+pub fn health_state(frames: &[Vec<u8>]) -> Result<&'static str, Answer> {
+    if let [status, state] = frames {
+        if status[..] == *STATUS_OK {
+            if let Some(&state) = HEALTH_STATES.iter().find(|s| s.as_bytes() == &state[..]) {
+                return if state == SERVING {
+                    Ok(state)
+                } else {
+                    Err(Answer::State(state))
+                };
+            }
         }
-        Ok(other) => Err(ProbeError::BadReply(endpoint.into(), format!("{other:?}"))),
-        Err(e) => Err(ProbeError::BadReply(endpoint.into(), e.to_string())),
     }
+    Err(Answer::Other(describe(frames)))
+}
+
+/// Frames for a one-line message: each quoted with its bytes escaped, long ones cut, at most
+/// four shown.
+fn describe(frames: &[Vec<u8>]) -> String {
+    const FRAMES: usize = 4;
+    const BYTES: usize = 40;
+    if frames.is_empty() {
+        return "an empty message".into();
+    }
+    let mut out: Vec<String> = frames
+        .iter()
+        .take(FRAMES)
+        .map(|frame| {
+            let cut = &frame[..frame.len().min(BYTES)];
+            let more = if frame.len() > BYTES { "..." } else { "" };
+            format!("\"{}{more}\"", cut.escape_ascii())
+        })
+        .collect();
+    if frames.len() > FRAMES {
+        out.push(format!("and {} more frames", frames.len() - FRAMES));
+    }
+    out.join(" ")
 }
 
 /// GETs `url` (`http://host:port/path`); 2xx is healthy. Returns the status line.
@@ -255,5 +336,68 @@ mod tests {
             Err(ProbeError::Endpoint(_))
         ));
         assert!(check_endpoint("tcp://127.0.0.1:5555").is_ok());
+    }
+
+    #[test]
+    fn flag_values_are_trimmed_as_the_brokers_are() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            probe: ProbeArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "probe",
+            "--endpoint",
+            " tcp://127.0.0.1:5555\n",
+            "--timeout",
+            "\u{a0}2s ",
+            "--curve-key-file",
+            " client.key\t",
+        ])
+        .map_err(|e| e.to_string())
+        .expect("parses");
+        assert_eq!(cli.probe.endpoint, "tcp://127.0.0.1:5555");
+        assert_eq!(cli.probe.timeout, Duration::from_secs(2));
+        assert_eq!(
+            cli.probe.curve.curve_key_file,
+            Some(std::path::PathBuf::from("client.key"))
+        );
+    }
+
+    #[test]
+    fn only_ok_serving_passes_and_other_replies_are_told_apart() {
+        let frames = |fs: &[&[u8]]| fs.iter().map(|f| f.to_vec()).collect::<Vec<_>>();
+        assert_eq!(health_state(&frames(&[b"OK", b"serving"])), Ok("serving"));
+        for state in ["starting", "stopping", "draining", "stopped"] {
+            assert_eq!(
+                health_state(&frames(&[b"OK", state.as_bytes()])),
+                Err(Answer::State(state))
+            );
+        }
+        let other = |fs: &[&[u8]]| match health_state(&frames(fs)) {
+            Err(Answer::Other(what)) => what,
+            reply => panic!("{fs:?}: {reply:?}"),
+        };
+        assert_eq!(other(&[HEALTH_REQUEST]), r#""\x00broker.health""#);
+        assert_eq!(
+            other(&[b"OK", HEALTH_REQUEST]),
+            r#""OK" "\x00broker.health""#
+        );
+        assert_eq!(other(&[b"OK", b"serving", b"x"]), r#""OK" "serving" "x""#);
+        assert_eq!(other(&[b"OK", b"Serving"]), r#""OK" "Serving""#);
+        assert_eq!(
+            other(&[b"ERR", b"bad_request", b"no"]),
+            r#""ERR" "bad_request" "no""#
+        );
+        assert_eq!(other(&[]), "an empty message");
+        let long = [b'a'; 50];
+        assert_eq!(
+            other(&[&long, b"2", b"3", b"4", b"5", b"6"]),
+            format!(
+                "\"{}...\" \"2\" \"3\" \"4\" and 2 more frames",
+                "a".repeat(40)
+            )
+        );
     }
 }
