@@ -693,6 +693,56 @@ impl Config {
     }
 }
 
+/// Every environment variable `command` (and its subcommands) reads a flag from.
+pub fn known_env(command: &clap::Command) -> Vec<String> {
+    let mut names: Vec<String> = command
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect();
+    for sub in command.get_subcommands() {
+        names.extend(known_env(sub));
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The `BROKER_*` variables among `vars` that none of `known` is (a typo, or a setting of
+/// another version), each with the known name nearest to it if one is within three edits.
+pub fn unknown_env(vars: &[String], known: &[String]) -> Vec<(String, Option<String>)> {
+    vars.iter()
+        .filter(|name| name.starts_with("BROKER_") && !known.contains(name))
+        .map(|name| {
+            let nearest = known
+                .iter()
+                .map(|k| (edit_distance(name, k), k))
+                .filter(|(d, _)| *d <= 3)
+                .min_by_key(|(d, _)| *d)
+                .map(|(_, k)| k.clone());
+            (name.clone(), nearest)
+        })
+        .collect()
+}
+
+/// Levenshtein distance between two ASCII-ish names (characters compared as chars).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// The memory limit of this process's cgroup (v2 `memory.max`, or v1
 /// `memory.limit_in_bytes`), if one is set.
 pub fn cgroup_memory_limit() -> Option<u64> {
@@ -769,6 +819,34 @@ mod tests {
             assert!(args(&[flag, "1h"]).is_ok(), "{flag}");
         }
         assert!(args(&["--stuck-after", "25h"]).is_err());
+    }
+
+    #[test]
+    fn unknown_variables_are_named_with_the_nearest_known_one() {
+        use clap::CommandFactory;
+        let known = known_env(&Wrapper::command());
+        assert!(known.contains(&"BROKER_WORKERS".to_owned()));
+        assert!(known.contains(&"BROKER_QUEUE_TARGET".to_owned()));
+        let vars: Vec<String> = [
+            "BROKER_WORKER",
+            "BROKER_WORKERS",
+            "BROKER_ZZZZZZZZZZ",
+            "PATH",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            unknown_env(&vars, &known),
+            [
+                (
+                    "BROKER_WORKER".to_owned(),
+                    Some("BROKER_WORKERS".to_owned())
+                ),
+                ("BROKER_ZZZZZZZZZZ".to_owned(), None),
+            ]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 
     #[test]

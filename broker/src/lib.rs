@@ -103,6 +103,23 @@ pub fn serve(
     args: config::ServeArgs,
     make_handler: impl FnOnce(&Config) -> Arc<dyn MakeHandler>,
 ) -> ExitCode {
+    use clap::CommandFactory;
+    serve_with(
+        args,
+        make_handler,
+        &config::known_env(&config::ServeCli::command()),
+    )
+}
+
+/// [`serve`], with `known_env` the environment variables the program's own command line reads
+/// (the broker binary's include its tools'): any other `BROKER_*` variable is named in a
+/// warning at start, with the nearest known one (`BROKER_WORKER`: did you mean
+/// `BROKER_WORKERS`?), since clap ignores it silently.
+pub fn serve_with(
+    args: config::ServeArgs,
+    make_handler: impl FnOnce(&Config) -> Arc<dyn MakeHandler>,
+    known_env: &[String],
+) -> ExitCode {
     // Config errors exit 2 before anything is bound or started.
     let config = match Config::from_args(args) {
         Ok(config) => config,
@@ -120,6 +137,15 @@ pub fn serve(
         return ExitCode::FAILURE;
     }
     log_panics();
+    let vars: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    for (name, nearest) in config::unknown_env(&vars, known_env) {
+        match nearest {
+            Some(known) => log::warn!("{name} is not a setting (did you mean {known}?); ignored"),
+            None => log::warn!("{name} is not a setting; ignored"),
+        }
+    }
     // Return large request buffers to the OS when freed (see sys::tune_malloc): 128 KiB is
     // glibc's default threshold, fixed so it cannot drift up; two arenas for the threads.
     sys::tune_malloc(128 * 1024, 2);

@@ -33,14 +33,31 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // First of all: from here on a stop signal waits for the coordinator (and is drained)
+    // instead of killing the process before it can log anything.
+    if let Err(e) = broker::signals::block() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = match broker::parse_args::<Cli>() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if cli.command.is_some() {
+        // The tools keep the default dispositions: a SIGTERM ends them.
+        if let Err(e) = broker::signals::unblock() {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match cli.command {
         Some(Command::Probe(args)) => tools::probe::run(&args),
         Some(Command::Bench(args)) => tools::bench::run(&args),
         Some(Command::Keygen) => tools::keygen::run(),
-        None => broker::serve(cli.serve, broker::builtin_handler),
+        None => {
+            use clap::CommandFactory;
+            let known = broker::config::known_env(&Cli::command());
+            broker::serve_with(cli.serve, broker::builtin_handler, &known)
+        }
     }
 }

@@ -47,6 +47,34 @@ const LEFT_ALONE: [Signal; 12] = [
     Signal::SIGPIPE,
 ];
 
+/// Every signal the broker handles: all but those [`LEFT_ALONE`].
+fn handled() -> SigSet {
+    // sigfillset, which glibc keeps from touching its own internal real-time signals.
+    let mut mask = SigSet::all();
+    for signal in LEFT_ALONE {
+        mask.remove(signal);
+    }
+    mask
+}
+
+/// Blocks the handled signals in the calling thread: `main` does it first of all, so that a
+/// stop signal arriving at any moment of the start (while flags are parsed, logging is set up,
+/// sockets are bound) waits for the coordinator and is drained, instead of killing the process
+/// by its default action. (Between exec and `main`, while the dynamic loader and the runtime
+/// start, about half a millisecond here, the default still applies: only the parent can block
+/// signals across exec.)
+pub fn block() -> Result<(), Error> {
+    handled().thread_block()?;
+    Ok(())
+}
+
+/// Unblocks them again, for the tools (`probe`, `bench`, `keygen`), which keep the default
+/// dispositions: a SIGTERM ends them.
+pub fn unblock() -> Result<(), Error> {
+    handled().thread_unblock()?;
+    Ok(())
+}
+
 /// The signals read as events, readable as a file descriptor.
 #[derive(Debug)]
 pub struct Signals {
@@ -54,16 +82,13 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Blocks the handled signals in the calling thread and opens a signalfd for them.
+    /// Blocks the handled signals in the calling thread (again, if [`block`] did already) and
+    /// opens a signalfd for them; a signal that arrived while they were blocked is read from it.
     ///
-    /// Call it first, before any thread starts (libzmq's I/O threads included): threads inherit
-    /// the mask, so a signal is never delivered to a thread that would die of it.
+    /// Call it before any thread starts (libzmq's I/O threads included): threads inherit the
+    /// mask, so a signal is never delivered to a thread that would die of it.
     pub fn install() -> Result<Signals, Error> {
-        // sigfillset, which glibc keeps from touching its own internal real-time signals.
-        let mut mask = SigSet::all();
-        for signal in LEFT_ALONE {
-            mask.remove(signal);
-        }
+        let mask = handled();
         mask.thread_block()?;
         let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         Ok(Signals { fd })

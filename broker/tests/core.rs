@@ -586,6 +586,13 @@ fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
         (&["--stuck-after", "1ms"], &[], "--stuck-after"),
         (&["--max-message-bytes", "63"], &[], "--max-message-bytes"),
         (&["--frontend", "ipc://*"], &[], "--frontend"),
+        // A random admin port no probe could be told (issue 19).
+        (&["--admin", "127.0.0.1:0"], &[], "--admin"),
+        (&[], &[("BROKER_ADMIN", " 127.0.0.1:0 ")], "--admin"),
+        // Queue times that scheduling noise alone would trip, or that no clock can add.
+        (&["--queue-target", "0s"], &[], "--queue-target"),
+        (&["--queue-target", "500us"], &[], "--queue-target"),
+        (&["--queue-interval", "2h"], &[], "--queue-interval"),
     ];
     for (args, env, needle) in cases {
         let (code, output, log) = run_to_exit(args, env);
@@ -656,6 +663,12 @@ fn the_extremes_of_every_accepted_range_work() {
         let _v6 = Broker::start(&["--frontend", &endpoint]);
         let client = Client::dealer(&endpoint, true);
         assert_eq!(ok(client.request(&[b"six"])), [b"six".to_vec()]);
+    }
+    // The shortest and longest queue times: served either way.
+    for (target, interval) in [("1ms", "1ms"), ("1h", "1h")] {
+        let queued = Broker::start(&["--queue-target", target, "--queue-interval", interval]);
+        let client = Client::dealer(&queued.front, true);
+        assert_eq!(ok(client.request(&[b"q"])), [b"q".to_vec()], "{target}");
     }
     // The largest pool, and the largest in-flight table, which costs nothing until used.
     let big = Broker::start(&["--workers", "1000", "--max-inflight", "1000000"]);
