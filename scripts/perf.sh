@@ -15,9 +15,9 @@
 # target/perf/*.jsonl and tables on stdout; scripts/plot.py draws target/perf/clients.png.
 #   scripts/perf.sh [workers|clients|sizes|memory|all|overload|account]   (all: the first four)
 # overload: OVERLOAD_SECS (20) of load per point, OVERLOAD_DEADLINE_MS (1000, both handler
-# times), OVERLOAD_HEADER (0: no deadline header, for a broker that does not know it; 1: send
-# it), OVERLOAD_DRAIN (25 s of collecting late replies and of recovery probing). Every run
-# ends by itself: at most OVERLOAD_SECS + OVERLOAD_DRAIN + 15 s per point.
+# times), OVERLOAD_HEADER (1, the default: send the deadline header; 0: leave it out, for a
+# broker that does not know it), OVERLOAD_DRAIN (25 s of collecting late replies and of recovery
+# probing). Every run ends by itself: at most OVERLOAD_SECS + OVERLOAD_DRAIN + 15 s per point.
 # account: fixed request counts after a warm-up (a tenth as many) and a pause (3 s for
 # callgrind, whose zeroing is slow, 1 s for perf) in which the counters start: ACCOUNT_REQUESTS (60000) and ACCOUNT_REQUESTS_LATENCY (4000) under
 # callgrind, ACCOUNT_NATIVE_REQUESTS (1000000) and ACCOUNT_NATIVE_REQUESTS_LATENCY (50000)
@@ -200,7 +200,7 @@ print(f'| {b/2**20:.1f} MiB | {a/2**20:.1f} MiB | {(a-b)/n/1024:.1f} KiB |')" | 
 # ---- overload (issue 20) ----------------------------------------------------------------
 overload() {
   local secs=${OVERLOAD_SECS:-20} deadline=${OVERLOAD_DEADLINE_MS:-1000}
-  local header=${OVERLOAD_HEADER:-0} drain=${OVERLOAD_DRAIN:-25}
+  local header=${OVERLOAD_HEADER:-1} drain=${OVERLOAD_DRAIN:-25}
   local v
   for v in secs deadline header drain; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "perf: overload: $v must be a whole number" >&2; exit 2; }
@@ -229,34 +229,7 @@ overload() {
         "$ms" "$mult" "$capacity" "$out" >>"$jsonl"
     done
   done
-  python3 - "$jsonl" <<'EOF' | tee "${jsonl%.jsonl}.md"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-r0 = rows[0]["result"]
-print(f"Open loop, {r0['clients']} DEALER clients, Poisson arrivals, {r0['duration_s']:g} s per point, "
-      f"client deadline {r0['deadline_ms']} ms, deadline header {'on' if r0['header'] else 'off'}; "
-      f"`--workers 2 --handler sleep`, capacity = 2 / service time.\n")
-print("| handler | offered | req/s | goodput (OK within deadline, share of capacity) | late OK "
-      "(share of OK) | late OK latency p50 / p99 | ERR by code | ERR p99 | no reply within "
-      "deadline + 100 ms | unanswered at end | recovery (first OK after load) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for row in rows:
-    r, cap = row["result"], row["capacity_rps"]
-    ok = r["ok_within_deadline"] + r["ok_late"]
-    goodput = r["ok_within_deadline"] / (cap * r["duration_s"])
-    late = r["ok_late"] / ok if ok else 0
-    errs = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
-    err_p99 = f"{r['err_latency_us']['p99'] / 1000:.1f} ms" if r["err"] else "n/a"
-    ll = r["late_latency_us"]
-    late_lat = f"{ll['p50'] / 1e6:.1f} / {ll['p99'] / 1e6:.1f} s" if r["ok_late"] else "n/a"
-    rec = r["recovery"]["first_ok_ms"]
-    rec = f"{rec:.0f} ms" if rec is not None else f"none within {r['collect_s']:.0f} s"
-    print(f"| {row['handler_ms']} ms | {row['multiple']}x | {r['rate']:g} | {r['ok_within_deadline']} "
-          f"({goodput:.1%}) | {r['ok_late']} ({late:.1%}) | {late_lat} | {errs} | {err_p99} "
-          f"| {r['no_reply_within_deadline_plus_grace']} | {r['unanswered_at_end']} | {rec} |")
-print(f"\nRaw: {sys.argv[1]}. Late replies are counted until the end of the collection window "
-      f"(the drain after the load); what is still queued then is 'unanswered at end'.")
-EOF
+  python3 scripts/overload_report.py "$jsonl" | tee "${jsonl%.jsonl}.md"
 }
 
 # ---- account (issue 23) -----------------------------------------------------------------

@@ -588,7 +588,7 @@ fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
         (&["--frontend", "ipc://*"], &[], "--frontend"),
         // A random admin port no probe could be told (issue 19).
         (&["--admin", "127.0.0.1:0"], &[], "--admin"),
-        (&[], &[("BROKER_ADMIN", " 127.0.0.1:0 ")], "--admin"),
+        (&["--admin", " 127.0.0.1:0\n"], &[], "--admin"),
         // Queue times that scheduling noise alone would trip, or that no clock can add.
         (&["--queue-target", "0s"], &[], "--queue-target"),
         (&["--queue-target", "500us"], &[], "--queue-target"),
