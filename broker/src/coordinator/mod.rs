@@ -1,27 +1,29 @@
 //! The coordinator: one thread that owns the front ROUTER, its connection monitor, the signalfd,
-//! the job channel the workers take requests from and every worker thread. It reads requests,
+//! the job queue the workers take requests from and every worker thread. It reads requests,
 //! queues each for the workers (a worker takes one only when it is free, so nothing waits
 //! behind a slow request while another worker idles), returns replies within each
 //! connection's byte limits, and runs the lifecycle from serving through the drain to joining
 //! the workers.
 //!
-//! This file is the loop and its polling. The rest, by concern: [`intake`] (a request from
-//! read to queued: inspection, attribution, the pure `admit` decision), [`inflight`] (the table
-//! of requests held, with their bytes, held-time integral and gauge; stored in a [`slab`]),
-//! [`replies`] (every answer, within the byte budgets), [`connections`] (monitor events,
-//! refusals, ZAP and keys), `shutdown` (signals, the drain deadline, joining the workers) and
-//! [`clock`] (the lifecycle state machine). docs/architecture.md walks a request and a SIGTERM
-//! through them.
+//! This file is the loop. The rest, by concern: [`intake`] (a request from read to queued:
+//! inspection, attribution, the load it meets), [`admission`] (the pure decision),
+//! [`inflight`] (the requests held, with their bytes, held-time integral and gauge, stored in
+//! a [`slab`]), [`replies`] (every answer, within the byte budgets), [`connections`] (monitor
+//! events, refusals, ZAP and keys), `poll` (what the loop waits on), `shutdown` (signals, the
+//! drain deadline, joining the workers) and [`clock`] (the lifecycle state machine).
+//! docs/architecture.md walks a request and a SIGTERM through them.
 
+pub mod admission;
 pub mod clock;
 pub mod connections;
 pub mod inflight;
 pub mod intake;
+mod poll;
 pub mod replies;
 mod shutdown;
 pub mod slab;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,7 @@ use crate::lifecycle::Status;
 use crate::signals::{self, Signals};
 use clock::{Clock, Step};
 use inflight::InFlight;
+use poll::Ready;
 use replies::Outbox;
 
 /// Messages read from one socket before looking at the others, so a flood on the front
@@ -384,43 +387,6 @@ impl Coordinator {
         self.metrics.set_queue(queue.target(), queue.service());
     }
 
-    /// Waits up to `timeout` for input: the signalfd, the workers' waker, and the
-    /// notification descriptors of the ZeroMQ sockets (readable when libzmq has news for the
-    /// socket; the socket itself then says whether a message waits).
-    fn wait(&self, timeout: Duration) -> Result<Ready, Error> {
-        let mut fds = self.poll_fds.map(|fd| (fd, false));
-        // Round up so a 0.4 ms deadline does not become a busy loop of 0 ms polls.
-        let millis = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        crate::sys::poll_readable(&mut fds, millis).map_err(Error::Poll)?;
-        Ok(Ready {
-            signal: fds[0].1,
-            monitor: fds[1].1,
-            woken: fds[2].1,
-            front: fds[3].1,
-            zap: fds[4].1,
-        })
-    }
-
-    /// The descriptors to poll, in `Ready`'s order: the signalfd, the monitor's and the front
-    /// socket's notification fds, the workers' waker, and the ZAP socket's (without a ZAP
-    /// handler a negative descriptor, which poll skips).
-    fn poll_fds(&self) -> Result<[RawFd; 5], Error> {
-        let s = &self.sockets;
-        let fd = |socket: &Socket| {
-            socket.get_fd().map_err(|source| Error::Socket {
-                socket: "notification",
-                source,
-            })
-        };
-        Ok([
-            s.signals.as_raw_fd(),
-            fd(&s.monitor)?,
-            self.workers.waker.as_raw_fd(),
-            fd(&s.front)?,
-            s.zap.as_ref().map_or(Ok(-1), |z| fd(z.socket()))?,
-        ])
-    }
-
     /// Reads up to [`BATCH`] requests from the front socket; remembers whether more wait.
     fn read_front(&mut self) -> Result<(), Error> {
         // More may wait after a full batch; an empty socket signals its descriptor later.
@@ -450,14 +416,4 @@ impl Coordinator {
         self.frames = frames;
         result
     }
-}
-
-/// Which polled inputs are readable (worker events are read every turn regardless).
-#[derive(Default)]
-struct Ready {
-    signal: bool,
-    monitor: bool,
-    woken: bool,
-    front: bool,
-    zap: bool,
 }

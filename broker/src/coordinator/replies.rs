@@ -15,8 +15,8 @@ use shared::{ErrorCode, Metrics};
 use worker::{Outcome, Shed};
 use zmq::{Message, Socket};
 
+use super::admission::refusal;
 use super::inflight::{Entry, Origin};
-use super::intake::refusal;
 use super::Coordinator;
 use crate::conns;
 use crate::lifecycle::State;
