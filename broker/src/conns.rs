@@ -16,17 +16,23 @@
 //!   (a 9-byte PING per 7-byte PONG) are credited back;
 //! - held outbound = bytes of replies handed to libzmq - (bytes the peer acknowledged - the
 //!   handshake libzmq wrote): replies in libzmq's queue and in the kernel's send buffer.
+//!
+//! With `--max-connection-age`, each TCP connection also has a jittered expiry and a
+//! [`Phase`] of its recycling; [`Table::sweep_ages`] applies `coordinator::age::decide` to
+//! them and makes the socket calls (cork, half-close, abort).
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use shared::metrics::ResetReason;
 use shared::protocol::FRAME_OVERHEAD;
 
+use crate::coordinator::age::{self, Phase, Step, Swept, View};
 use crate::sys::{self, TcpCounters};
 
 /// What libzmq reads of a connection before any request: the ZMTP greeting (64 bytes) and the
@@ -134,6 +140,33 @@ impl Conn {
         }
         self.abort();
         true
+    }
+
+    /// Half-closes the connection (`shutdown(SHUT_WR)`: a FIN behind whatever is already in
+    /// the kernel) and records why. Returns false if it was already reset.
+    fn half_close(&self, reason: ResetReason) -> bool {
+        let mark = reason.index() as u8 + 1;
+        if self
+            .reset
+            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let how = nix::sys::socket::Shutdown::Write;
+        if let Err(e) = nix::sys::socket::shutdown(self.fd.as_raw_fd(), how) {
+            // Already gone (the peer closed first): libzmq reports it closed either way.
+            log::debug!("half-close of connection {} failed ({e})", self.id);
+        }
+        true
+    }
+
+    /// Corks or uncorks the connection (see [`sys::set_cork`]); a failure only loses the
+    /// reply's company of the FIN.
+    fn cork(&self, on: bool) {
+        if let Err(e) = sys::set_cork(self.fd.as_fd(), on) {
+            log::debug!("cork {on} of connection {} failed ({e})", self.id);
+        }
     }
 
     /// Refuses the connection at accept (over `--max-connections`): closed at once, never
@@ -259,6 +292,45 @@ struct Tracked {
     first_request_seen: bool,
     /// Its CURVE client key, learnt from its first request (with `--curve-allow-keys`).
     key: Option<shared::curve::Key>,
+    /// Its recycling, with `--max-connection-age` (TCP connections only: an ipc:// client has
+    /// no balancer to be sent elsewhere by).
+    aging: Option<Aging>,
+}
+
+/// A connection's recycling under `--max-connection-age`.
+#[derive(Debug)]
+struct Aging {
+    /// When it reaches its age.
+    expires: Instant,
+    phase: Phase,
+    /// Since when it has read no request, as last seen by a sweep (past its age).
+    quiet_since: Instant,
+    /// Its `consumed` bytes at that sweep: a change means it read a request since.
+    consumed_seen: u64,
+    /// While corked: the bytes libzmq had written into the kernel at the last look.
+    written_seen: Option<u64>,
+}
+
+/// `--max-connection-age` and its grace, with the seed of each connection's jitter.
+#[derive(Debug)]
+struct AgeLimit {
+    age: Duration,
+    grace: Duration,
+    seed: RandomState,
+}
+
+/// How an aged connection is closed. Only [`Close::Shadow`] is meant for use: the others are
+/// kept to measure what they lose (docs/protocol.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// Corked at its last reply, FIN with the reply; idle ones after a quiet moment.
+    Shadow,
+    /// FIN as soon as its last reply is in the kernel (no cork).
+    Fin,
+    /// Reset (RST) as soon as its last reply is acknowledged.
+    Abort,
+    /// Only idle ones, after a quiet moment (FIN); others at the grace.
+    Quiet,
 }
 
 /// At most this many reply offsets are kept per connection before a measurement trims them.
@@ -277,6 +349,15 @@ pub struct Table {
     /// Outbound bytes held for all connections: exact after [`Table::resync`], raised by
     /// every reply sent, lowered by every measurement.
     out_estimate: u64,
+    /// `--max-connection-age`, if set.
+    ages: Option<AgeLimit>,
+    close: Close,
+    /// When the age sweep must look again (the earliest any connection asked for).
+    next_age_check: Option<Instant>,
+    /// An aged connection's last held request was answered: sweep at the next turn.
+    age_check_now: bool,
+    /// Requests read from connections already closed for their age, since the last sweep.
+    crossed: u64,
 }
 
 impl Table {
@@ -291,7 +372,24 @@ impl Table {
             next_id: 0,
             open: 0,
             out_estimate: 0,
+            ages: None,
+            close: Close::Shadow,
+            next_age_check: None,
+            age_check_now: false,
+            crossed: 0,
         }
+    }
+
+    /// Closes connections `age` after they opened (`None`: never), jittered by up to 10 %
+    /// either way, and after `grace` more regardless.
+    pub fn with_age_limit(mut self, age: Option<Duration>, grace: Duration, close: Close) -> Table {
+        self.ages = age.map(|age| AgeLimit {
+            age,
+            grace,
+            seed: RandomState::new(),
+        });
+        self.close = close;
+        self
     }
 
     /// Connections open now (refused ones excluded).
@@ -327,12 +425,24 @@ impl Table {
         }
         self.next_id += 1;
         let conn = Arc::new(Conn::new(self.next_id, fd));
+        let mut aging = None;
         let verdict = if self.open >= self.max {
             conn.refuse();
             Accepted::Refused
         } else {
             self.open += 1;
             self.registry.add(Arc::clone(&conn));
+            if let Some(limit) = self.ages.as_ref().filter(|_| conn.measurable) {
+                let expires = conn.opened + jittered(limit.age, limit.seed.hash_one(conn.id));
+                self.next_age_check = Some(self.next_age_check.map_or(expires, |t| t.min(expires)));
+                aging = Some(Aging {
+                    expires,
+                    phase: Phase::Young,
+                    quiet_since: conn.opened,
+                    consumed_seen: 0,
+                    written_seen: None,
+                });
+            }
             Accepted::Tracked
         };
         self.by_fd[index] = Some(Tracked {
@@ -342,6 +452,7 @@ impl Table {
             inflight: 0,
             first_request_seen: false,
             key: None,
+            aging,
         });
         verdict
     }
@@ -381,6 +492,15 @@ impl Table {
         let conn = &tracked.conn;
         conn.consumed.fetch_add(wire_bytes, Ordering::Relaxed);
         if conn.refused() {
+            return Attribution::Refused;
+        }
+        if tracked
+            .aging
+            .as_ref()
+            .is_some_and(|a| matches!(a.phase, Phase::Closing { .. } | Phase::Done))
+        {
+            // It crossed the close: its reply could not leave. Counted by the next sweep.
+            self.crossed += 1;
             return Attribution::Refused;
         }
         let first = !tracked.first_request_seen;
@@ -463,11 +583,27 @@ impl Table {
         }
     }
 
-    /// A request of `cost` from connection `id` is answered (or given up).
+    /// A request of `cost` from connection `id` is answered (or given up). The last one an
+    /// aged connection holds is about to be answered: it is corked now, before its reply goes
+    /// to libzmq, so that the reply leaves with the FIN.
     pub fn release(&mut self, zmq_fd: RawFd, id: u64, cost: u64) {
-        if let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) {
-            tracked.inflight = tracked.inflight.saturating_sub(cost);
+        let close = self.close;
+        let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) else {
+            return;
+        };
+        tracked.inflight = tracked.inflight.saturating_sub(cost);
+        if tracked.inflight > 0 || close == Close::Quiet {
+            return;
         }
+        let Some(aging) = tracked.aging.as_mut().filter(|a| a.phase == Phase::Due) else {
+            return;
+        };
+        if close == Close::Shadow {
+            tracked.conn.cork(true);
+        }
+        aging.phase = Phase::Corked;
+        aging.written_seen = None;
+        self.age_check_now = true;
     }
 
     /// A reply of `wire_bytes` in `frames` frames was handed to libzmq for connection `id`.
@@ -478,6 +614,13 @@ impl Table {
         if !tracked.conn.measurable {
             return;
         }
+        // An answer it did not hold (a refusal, a health check) to an aged connection: the
+        // sweep looks at it again soon.
+        let aged_and_idle = tracked.inflight == 0
+            && tracked
+                .aging
+                .as_ref()
+                .is_some_and(|a| a.phase == Phase::Due);
         let end = tracked.conn.sent.fetch_add(wire_bytes, Ordering::Relaxed) + wire_bytes;
         tracked.pending.push_back((end, frames));
         tracked.pending_frames += u64::from(frames);
@@ -486,6 +629,7 @@ impl Table {
             trim(tracked);
         }
         self.out_estimate += wire_bytes + u64::from(frames) * FRAME_OVERHEAD as u64;
+        self.age_check_now |= aged_and_idle;
     }
 
     /// Outbound bytes held for all connections (see the field's note on freshness).
@@ -509,6 +653,121 @@ impl Table {
         self.resync();
     }
 
+    /// Applies the age decision to every connection due a look: closes those past their age
+    /// that can go now, aborts those past their grace. Cheap when none is due.
+    pub fn sweep_ages(&mut self, now: Instant) -> Swept {
+        let mut swept = Swept {
+            crossed: std::mem::take(&mut self.crossed),
+            ..Swept::default()
+        };
+        let Some(limit) = &self.ages else {
+            return swept;
+        };
+        let (grace, close) = (limit.grace, self.close);
+        if !self.age_check_now && self.next_age_check.is_none_or(|t| now < t) {
+            swept.next = self.next_age_check;
+            return swept;
+        }
+        self.age_check_now = false;
+        let mut next: Option<Instant> = None;
+        for tracked in self.by_fd.iter_mut().flatten() {
+            let Some(aging) = tracked.aging.as_mut() else {
+                continue;
+            };
+            let conn = &tracked.conn;
+            if conn.reset_reason().is_some()
+                && !matches!(aging.phase, Phase::Closing { .. } | Phase::Done)
+            {
+                // Reset by the guard or for its key meanwhile: nothing left to recycle.
+                aging.phase = Phase::Done;
+                continue;
+            }
+            if aging.phase == Phase::Young && now >= aging.expires {
+                aging.phase = Phase::Due;
+                aging.quiet_since = now;
+                aging.consumed_seen = conn.consumed.load(Ordering::Relaxed);
+            }
+            let consumed = conn.consumed.load(Ordering::Relaxed);
+            if consumed != aging.consumed_seen {
+                aging.consumed_seen = consumed;
+                aging.quiet_since = now;
+            }
+            let mut view = View {
+                now,
+                expires: aging.expires,
+                grace,
+                phase: aging.phase,
+                holds: tracked.inflight > 0,
+                last_read: aging.quiet_since,
+                unread: false,
+                written: false,
+                delivered: false,
+            };
+            if matches!(close, Close::Fin | Close::Abort) {
+                view.last_read = now - age::QUIET.min(now - conn.opened);
+            }
+            let measured = matches!(aging.phase, Phase::Due | Phase::Corked) && !view.holds;
+            if measured {
+                let _ = conn.measure();
+                let (out, unread) = sys::queued_bytes(conn.fd.as_fd()).unwrap_or((0, 0));
+                // What libzmq has written into the kernel, against what it was handed (plain
+                // ZMTP sizes: a lower bound under CURVE, hence the second look that finds
+                // libzmq done writing).
+                let written = conn.acked.load(Ordering::Relaxed) + out;
+                let expected =
+                    conn.handshake_out.load(Ordering::Relaxed) + conn.sent.load(Ordering::Relaxed);
+                view.written = written >= expected && aging.written_seen == Some(written);
+                aging.written_seen = Some(written);
+                view.unread = unread > 0;
+                view.delivered = conn.held_out() == 0;
+                if close == Close::Abort {
+                    view.written = view.delivered;
+                }
+            }
+            let mut wake = |at: Instant| next = Some(next.map_or(at, |t: Instant| t.min(at)));
+            match age::decide(&view) {
+                Step::Wait(at) => {
+                    if let Some(at) = at {
+                        wake(at);
+                    }
+                }
+                Step::Close if close == Close::Abort => {
+                    if conn.reset(ResetReason::Age) {
+                        swept.closed += 1;
+                    }
+                    aging.phase = Phase::Done;
+                }
+                Step::Close => {
+                    if conn.half_close(ResetReason::Age) {
+                        swept.closed += 1;
+                        aging.phase = Phase::Closing { since: now };
+                        wake(now + age::HALF_CLOSED_LINGER);
+                    } else {
+                        aging.phase = Phase::Done;
+                    }
+                }
+                Step::Uncork => {
+                    conn.cork(false);
+                    aging.phase = Phase::Due;
+                    wake(aging.expires + grace);
+                }
+                Step::Abort(reason) => {
+                    if conn.reset(reason) {
+                        swept.graced.push(conn.id);
+                    }
+                    aging.phase = Phase::Done;
+                }
+                Step::Finish => {
+                    conn.abort();
+                    aging.phase = Phase::Done;
+                }
+            }
+        }
+        self.next_age_check = next;
+        swept.next = next;
+        swept
+    }
+
     /// Drops every connection (at exit): our duplicates close.
     pub fn clear(&mut self) {
         self.by_fd.clear();
@@ -528,6 +787,14 @@ impl Tracked {
     fn held_out(&self) -> u64 {
         self.conn.held_out() + self.pending_frames * FRAME_OVERHEAD as u64
     }
+}
+
+/// A connection's age, `age` jittered by up to 10 % either way by `random` (so connections
+/// opened together, a fleet of clients started at once, do not all reconnect at once).
+fn jittered(age: Duration, random: u64) -> Duration {
+    // 53 random bits as a fraction in [0, 1).
+    let unit = (random >> 11) as f64 / (1u64 << 53) as f64;
+    age.mul_f64(0.9 + 0.2 * unit)
 }
 
 /// Forgets the replies the peer has acknowledged.

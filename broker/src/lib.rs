@@ -258,6 +258,11 @@ impl Broker {
             config.max_connections,
             config.frontend.port(),
             Arc::clone(&registry),
+        )
+        .with_age_limit(
+            config.max_connection_age,
+            config.max_connection_age_grace,
+            config.age_close,
         );
         let guard_shared = Arc::new(guard::Shared::default());
         let guard = guard::Guard::spawn(

@@ -123,6 +123,25 @@ impl InFlight {
             .collect()
     }
 
+    /// Releases every request held for connection `conn` (closed at the end of its age's
+    /// grace).
+    pub fn remove_from(&mut self, conn: u64, now: Instant) -> Vec<Entry> {
+        let tickets: Vec<Ticket> = self
+            .slab
+            .tickets()
+            .into_iter()
+            .filter(|t| {
+                self.slab
+                    .get(*t)
+                    .is_some_and(|e| e.origin.is_some_and(|o| o.conn == conn))
+            })
+            .collect();
+        tickets
+            .into_iter()
+            .filter_map(|ticket| self.remove(ticket, now))
+            .collect()
+    }
+
     /// The request-seconds held up to `now`.
     pub fn held_seconds(&mut self, now: Instant) -> f64 {
         self.integrate(now);

@@ -13,6 +13,7 @@
 //! [`clock`] (the lifecycle state machine). docs/architecture.md walks a request and a SIGTERM
 //! through them.
 
+pub mod age;
 pub mod clock;
 pub mod connections;
 pub mod inflight;
@@ -224,7 +225,11 @@ impl Coordinator {
                 self.refresh_keys();
             }
             self.refusals.log_if_due(now);
+            let recycle_at = self.recycle(now);
             let wait = wake_at
+                .into_iter()
+                .chain(recycle_at)
+                .min()
                 .map_or(self.heartbeat, |at| at.saturating_duration_since(now))
                 .min(self.heartbeat)
                 .min(self.next_resync.saturating_duration_since(now))
@@ -350,9 +355,8 @@ impl Coordinator {
     fn publish(&mut self, now: Instant) {
         self.inflight.publish(&self.metrics, now);
         self.rec.flush();
-        // Readiness: not while a new client or new work would be refused.
-        self.status
-            .set_full(self.conns.open() >= self.config.max_connections);
+        // Readiness: not while new work would be refused (at --max-connections a pod stays
+        // ready and refuses only the excess connections).
         self.status.set_shedding(self.guard.shedding());
     }
 
