@@ -242,9 +242,6 @@ pub struct ServeArgs {
     /// long after its age regardless, the requests it holds given up (at most 1h).
     #[arg(long, env = "BROKER_MAX_CONNECTION_AGE_GRACE", value_parser = Trimmed(parse_wait), default_value = defaults::MAX_CONNECTION_AGE_GRACE)]
     pub max_connection_age_grace: Duration,
-    /// EXPERIMENT: how aged connections are closed (shadow, fin, abort, quiet).
-    #[arg(long, env = "BROKER_MAX_CONNECTION_AGE_CLOSE", hide = true, value_parser = Trimmed(parse_age_close), default_value = "shadow")]
-    pub max_connection_age_close: crate::conns::Close,
     /// /livez fails when the pipeline makes no progress for this long (at most 24h).
     #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = Trimmed(parse_stuck_after), default_value = defaults::STUCK_AFTER)]
     pub stuck_after: Duration,
@@ -390,17 +387,6 @@ fn parse_stuck_after(text: &str) -> Result<Duration, String> {
     at_least_a_second(bounded_duration(text, limits::MAX_STUCK_AFTER, true)?)
 }
 
-fn parse_age_close(text: &str) -> Result<crate::conns::Close, String> {
-    use crate::conns::Close;
-    Ok(match text {
-        "shadow" => Close::Shadow,
-        "fin" => Close::Fin,
-        "abort" => Close::Abort,
-        "quiet" => Close::Quiet,
-        _ => return Err("shadow, fin, abort or quiet".into()),
-    })
-}
-
 fn parse_connection_age(text: &str) -> Result<Duration, String> {
     let age = bounded_duration(text, limits::MAX_CONNECTION_AGE, false)?;
     if !age.is_zero() && age < limits::MIN_CONNECTION_AGE {
@@ -518,8 +504,6 @@ pub struct Config {
     pub max_connection_age: Option<Duration>,
     /// How long past its age a connection that is never quiet is kept.
     pub max_connection_age_grace: Duration,
-    /// EXPERIMENT.
-    pub age_close: crate::conns::Close,
     /// Front socket linger at exit.
     pub flush_linger: Duration,
     /// Log level.
@@ -685,7 +669,6 @@ impl Config {
             stuck_after: args.stuck_after,
             max_connection_age: Some(args.max_connection_age).filter(|age| !age.is_zero()),
             max_connection_age_grace: args.max_connection_age_grace,
-            age_close: args.max_connection_age_close,
             metrics: !args.no_metrics,
             allow_from: args.allow_from,
             flush_linger: defaults::FLUSH_LINGER,

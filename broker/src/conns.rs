@@ -177,6 +177,9 @@ impl Conn {
     }
 
     fn abort(&self) {
+        // The last count of what the peer acknowledged: an abort zeroes the kernel's
+        // counters, and what was acknowledged until now is delivered, not lost with it.
+        let _ = self.measure();
         if let Err(e) = sys::abort_connection(self.fd.as_fd()) {
             // Not expected on Linux; a shutdown and an empty receive queue end it too, if the
             // peer stops sending.
@@ -319,20 +322,6 @@ struct AgeLimit {
     seed: RandomState,
 }
 
-/// How an aged connection is closed. Only [`Close::Shadow`] is meant for use: the others are
-/// kept to measure what they lose (docs/protocol.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Close {
-    /// Corked at its last reply, FIN with the reply; idle ones after a quiet moment.
-    Shadow,
-    /// FIN as soon as its last reply is in the kernel (no cork).
-    Fin,
-    /// Reset (RST) as soon as its last reply is acknowledged.
-    Abort,
-    /// Only idle ones, after a quiet moment (FIN); others at the grace.
-    Quiet,
-}
-
 /// At most this many reply offsets are kept per connection before a measurement trims them.
 const PENDING_TRIM: usize = 1024;
 
@@ -351,7 +340,6 @@ pub struct Table {
     out_estimate: u64,
     /// `--max-connection-age`, if set.
     ages: Option<AgeLimit>,
-    close: Close,
     /// When the age sweep must look again (the earliest any connection asked for).
     next_age_check: Option<Instant>,
     /// An aged connection's last held request was answered: sweep at the next turn.
@@ -373,7 +361,6 @@ impl Table {
             open: 0,
             out_estimate: 0,
             ages: None,
-            close: Close::Shadow,
             next_age_check: None,
             age_check_now: false,
             crossed: 0,
@@ -382,13 +369,12 @@ impl Table {
 
     /// Closes connections `age` after they opened (`None`: never), jittered by up to 10 %
     /// either way, and after `grace` more regardless.
-    pub fn with_age_limit(mut self, age: Option<Duration>, grace: Duration, close: Close) -> Table {
+    pub fn with_age_limit(mut self, age: Option<Duration>, grace: Duration) -> Table {
         self.ages = age.map(|age| AgeLimit {
             age,
             grace,
             seed: RandomState::new(),
         });
-        self.close = close;
         self
     }
 
@@ -587,20 +573,17 @@ impl Table {
     /// aged connection holds is about to be answered: it is corked now, before its reply goes
     /// to libzmq, so that the reply leaves with the FIN.
     pub fn release(&mut self, zmq_fd: RawFd, id: u64, cost: u64) {
-        let close = self.close;
         let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) else {
             return;
         };
         tracked.inflight = tracked.inflight.saturating_sub(cost);
-        if tracked.inflight > 0 || close == Close::Quiet {
+        if tracked.inflight > 0 {
             return;
         }
         let Some(aging) = tracked.aging.as_mut().filter(|a| a.phase == Phase::Due) else {
             return;
         };
-        if close == Close::Shadow {
-            tracked.conn.cork(true);
-        }
+        tracked.conn.cork(true);
         aging.phase = Phase::Corked;
         aging.written_seen = None;
         self.age_check_now = true;
@@ -663,7 +646,7 @@ impl Table {
         let Some(limit) = &self.ages else {
             return swept;
         };
-        let (grace, close) = (limit.grace, self.close);
+        let grace = limit.grace;
         if !self.age_check_now && self.next_age_check.is_none_or(|t| now < t) {
             swept.next = self.next_age_check;
             return swept;
@@ -703,9 +686,6 @@ impl Table {
                 written: false,
                 delivered: false,
             };
-            if matches!(close, Close::Fin | Close::Abort) {
-                view.last_read = now - age::QUIET.min(now - conn.opened);
-            }
             let measured = matches!(aging.phase, Phase::Due | Phase::Corked) && !view.holds;
             if measured {
                 let _ = conn.measure();
@@ -720,9 +700,6 @@ impl Table {
                 aging.written_seen = Some(written);
                 view.unread = unread > 0;
                 view.delivered = conn.held_out() == 0;
-                if close == Close::Abort {
-                    view.written = view.delivered;
-                }
             }
             let mut wake = |at: Instant| next = Some(next.map_or(at, |t: Instant| t.min(at)));
             match age::decide(&view) {
@@ -730,12 +707,6 @@ impl Table {
                     if let Some(at) = at {
                         wake(at);
                     }
-                }
-                Step::Close if close == Close::Abort => {
-                    if conn.reset(ResetReason::Age) {
-                        swept.closed += 1;
-                    }
-                    aging.phase = Phase::Done;
                 }
                 Step::Close => {
                     if conn.half_close(ResetReason::Age) {

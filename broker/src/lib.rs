@@ -259,11 +259,7 @@ impl Broker {
             config.frontend.port(),
             Arc::clone(&registry),
         )
-        .with_age_limit(
-            config.max_connection_age,
-            config.max_connection_age_grace,
-            config.age_close,
-        );
+        .with_age_limit(config.max_connection_age, config.max_connection_age_grace);
         let guard_shared = Arc::new(guard::Shared::default());
         let guard = guard::Guard::spawn(
             guard::Limits {

@@ -1,6 +1,7 @@
 //! haproxy in TCP mode, standing in for kube-proxy in front of brokers: `balance roundrobin`
-//! picks a broker per connection, each broker's /readyz is its health check, and servers
-//! declared disabled can be enabled live through the runtime API (pods an autoscaler adds).
+//! (or `random`, as kube-proxy's iptables mode) picks a broker per connection, each broker's
+//! /readyz is its health check, and servers declared disabled can be enabled live through the
+//! runtime API (pods an autoscaler adds).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -38,9 +39,14 @@ impl Drop for TempDir {
 }
 
 impl Haproxy {
-    /// Starts haproxy in front of `servers` (named `b0`, `b1`, ... in order) and waits for its
-    /// stats socket.
+    /// Starts haproxy in front of `servers` (named `b0`, `b1`, ... in order), balancing
+    /// round-robin, and waits for its stats socket.
     pub fn start(servers: &[Server]) -> Haproxy {
+        Haproxy::start_balancing(servers, "roundrobin")
+    }
+
+    /// As [`Haproxy::start`], with haproxy's `balance` algorithm `balance`.
+    pub fn start_balancing(servers: &[Server], balance: &str) -> Haproxy {
         let dir = std::env::temp_dir().join(format!(
             "broker-haproxy-{}-{}",
             std::process::id(),
@@ -53,7 +59,7 @@ impl Haproxy {
             "global\n  maxconn 4000\n  stats socket {} level admin\n\
              defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\
              frontend zmq\n  bind 127.0.0.1:{port}\n  default_backend brokers\n\
-             backend brokers\n  balance roundrobin\n  option httpchk GET /readyz\n\
+             backend brokers\n  balance {balance}\n  option httpchk GET /readyz\n\
              \x20 default-server inter 100ms fall 1 rise 1\n",
             stats.display()
         );
