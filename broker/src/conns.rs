@@ -306,10 +306,8 @@ struct Aging {
     /// When it reaches its age.
     expires: Instant,
     phase: Phase,
-    /// Since when it has read no request, as last seen by a sweep (past its age).
-    quiet_since: Instant,
-    /// Its `consumed` bytes at that sweep: a change means it read a request since.
-    consumed_seen: u64,
+    /// When its last request was read (or it opened), to the turn.
+    last_read: Instant,
     /// While corked: the bytes libzmq had written into the kernel at the last look.
     written_seen: Option<u64>,
 }
@@ -346,6 +344,8 @@ pub struct Table {
     age_check_now: bool,
     /// Requests read from connections already closed for their age, since the last sweep.
     crossed: u64,
+    /// The time of the coordinator's turn, as the last sweep was told: stamps reads.
+    turn: Instant,
 }
 
 impl Table {
@@ -364,6 +364,7 @@ impl Table {
             next_age_check: None,
             age_check_now: false,
             crossed: 0,
+            turn: Instant::now(),
         }
     }
 
@@ -424,8 +425,7 @@ impl Table {
                 aging = Some(Aging {
                     expires,
                     phase: Phase::Young,
-                    quiet_since: conn.opened,
-                    consumed_seen: 0,
+                    last_read: conn.opened,
                     written_seen: None,
                 });
             }
@@ -472,6 +472,7 @@ impl Table {
 
     /// The connection a request read from `zmq_fd` came through, with its wire size counted.
     pub fn request_read(&mut self, zmq_fd: RawFd, wire_bytes: u64) -> Attribution {
+        let turn = self.turn;
         let Some(tracked) = self.get_mut(zmq_fd) else {
             return Attribution::Untracked;
         };
@@ -480,14 +481,13 @@ impl Table {
         if conn.refused() {
             return Attribution::Refused;
         }
-        if tracked
-            .aging
-            .as_ref()
-            .is_some_and(|a| matches!(a.phase, Phase::Closing { .. } | Phase::Done))
-        {
-            // It crossed the close: its reply could not leave. Counted by the next sweep.
-            self.crossed += 1;
-            return Attribution::Refused;
+        if let Some(aging) = tracked.aging.as_mut() {
+            if matches!(aging.phase, Phase::Closing { .. } | Phase::Done) {
+                // It crossed the close: its reply could not leave. Counted by the next sweep.
+                self.crossed += 1;
+                return Attribution::Refused;
+            }
+            aging.last_read = turn;
         }
         let first = !tracked.first_request_seen;
         if first {
@@ -639,6 +639,7 @@ impl Table {
     /// Applies the age decision to every connection due a look: closes those past their age
     /// that can go now, aborts those past their grace. Cheap when none is due.
     pub fn sweep_ages(&mut self, now: Instant) -> Swept {
+        self.turn = now;
         let mut swept = Swept {
             crossed: std::mem::take(&mut self.crossed),
             ..Swept::default()
@@ -667,13 +668,6 @@ impl Table {
             }
             if aging.phase == Phase::Young && now >= aging.expires {
                 aging.phase = Phase::Due;
-                aging.quiet_since = now;
-                aging.consumed_seen = conn.consumed.load(Ordering::Relaxed);
-            }
-            let consumed = conn.consumed.load(Ordering::Relaxed);
-            if consumed != aging.consumed_seen {
-                aging.consumed_seen = consumed;
-                aging.quiet_since = now;
             }
             let mut view = View {
                 now,
@@ -681,7 +675,7 @@ impl Table {
                 grace,
                 phase: aging.phase,
                 holds: tracked.inflight > 0,
-                last_read: aging.quiet_since,
+                last_read: aging.last_read,
                 unread: false,
                 written: false,
                 delivered: false,
@@ -720,7 +714,8 @@ impl Table {
                 Step::Uncork => {
                     conn.cork(false);
                     aging.phase = Phase::Due;
-                    wake(aging.expires + grace);
+                    // A request arriving is read within the turn: look again soon.
+                    wake(now + age::RECHECK);
                 }
                 Step::Abort(reason) => {
                     if conn.reset(reason) {
@@ -897,6 +892,101 @@ mod tests {
         assert!(!table.fits(fd, id, u64::MAX, 1000), "no overflow");
         table.release(fd, id, 1000);
         assert!(table.fits(fd, id, 1000, 1000));
+    }
+
+    fn aging_table(port: u16) -> Table {
+        Table::new(10, Some(port), Arc::new(Registry::default()))
+            .with_age_limit(Some(Duration::from_secs(10)), Duration::from_secs(5))
+    }
+
+    #[test]
+    fn ages_are_jittered_by_a_tenth_either_way() {
+        let age = Duration::from_secs(60);
+        assert_eq!(jittered(age, 0), Duration::from_secs(54));
+        assert!(jittered(age, u64::MAX) <= Duration::from_secs(66));
+        assert!(jittered(age, u64::MAX) > Duration::from_millis(65_999));
+        assert_eq!(jittered(age, 1 << 63), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_aged_idle_connection_is_half_closed_and_a_request_crossing_it_refused() {
+        let (listener, mut client, server) = pair();
+        let mut table = aging_table(listener.local_addr().expect("addr").port());
+        let fd = server.as_raw_fd();
+        let before = Instant::now();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let expires = table.sweep_ages(before).next.expect("an expiry");
+        assert!(expires >= before + Duration::from_secs(9));
+        assert!(expires <= Instant::now() + Duration::from_secs(11));
+        // A request read (and answered at once) just before its age: closed once quiet.
+        let read_at = expires - Duration::from_millis(1);
+        assert_eq!(table.sweep_ages(read_at).closed, 0);
+        assert!(matches!(
+            table.request_read(fd, 10),
+            Attribution::Tracked { first: true, .. }
+        ));
+        let swept = table.sweep_ages(expires);
+        assert_eq!((swept.closed, swept.next), (0, Some(read_at + age::QUIET)));
+        let due = read_at + age::QUIET;
+        assert_eq!(table.sweep_ages(due).closed, 1);
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            client.read(&mut buf).expect("read"),
+            0,
+            "the client sees the FIN"
+        );
+        // A request that crossed the FIN is not served, and counted by the next sweep.
+        assert_eq!(table.request_read(fd, 10), Attribution::Refused);
+        assert_eq!(table.sweep_ages(due + age::QUIET).crossed, 1);
+        let closed = table.disconnected(fd).expect("tracked");
+        assert_eq!(closed.reset, Some(ResetReason::Age));
+    }
+
+    #[test]
+    fn the_last_reply_of_an_aged_connection_leaves_with_the_fin() {
+        let (listener, mut client, mut server) = pair();
+        let mut table = aging_table(listener.local_addr().expect("addr").port());
+        let fd = server.as_raw_fd();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
+            panic!("tracked");
+        };
+        table.hold(fd, id, 100);
+        let due = table.sweep_ages(Instant::now()).next.expect("an expiry");
+        let swept = table.sweep_ages(due);
+        assert_eq!(swept.closed, 0, "it holds a request");
+        assert_eq!(swept.next, Some(due + Duration::from_secs(5)), "the grace");
+        // Answered: corked before the reply is written (here by the test, as libzmq would).
+        table.release(fd, id, 100);
+        server.write_all(b"reply").expect("write");
+        table.reply_sent(fd, id, 5, 1);
+        let first = table.sweep_ages(due);
+        assert_eq!(first.closed, 0, "one look to see libzmq has written it");
+        assert_eq!(first.next, Some(due + age::SETTLE));
+        assert_eq!(table.sweep_ages(due + age::SETTLE).closed, 1);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"reply", "the reply, then the end of the stream");
+    }
+
+    #[test]
+    fn a_connection_never_quiet_is_reset_at_the_grace() {
+        let (listener, _client, server) = pair();
+        let mut table = aging_table(listener.local_addr().expect("addr").port());
+        let fd = server.as_raw_fd();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
+            panic!("tracked");
+        };
+        table.hold(fd, id, 100);
+        let due = table.sweep_ages(Instant::now()).next.expect("an expiry");
+        let swept = table.sweep_ages(due + Duration::from_secs(5));
+        assert_eq!(swept.graced, [id]);
+        assert_eq!(swept.next, None, "nothing more to do");
+        assert_eq!(
+            table.disconnected(fd).expect("tracked").reset,
+            Some(ResetReason::AgeGrace)
+        );
     }
 
     fn registry_conn(table: &Table, fd: RawFd) -> Arc<Conn> {

@@ -115,10 +115,13 @@ fn req_socket(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
     s
 }
 
-fn dealer_socket(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
+/// A DEALER (without `ZMQ_IMMEDIATE`) connected to each of the comma-separated `endpoints`.
+fn dealer_socket(ctx: &zmq::Context, endpoints: &str) -> zmq::Socket {
     let s = ctx.socket(zmq::DEALER).expect("socket");
     s.set_linger(0).expect("linger");
-    s.connect(endpoint).expect("connect");
+    for endpoint in endpoints.split(',') {
+        s.connect(endpoint).expect("connect");
+    }
     s
 }
 
@@ -206,7 +209,8 @@ fn run_client(
                 max_backoff: Duration::from_millis(100),
                 ..client::RetryPolicy::default()
             };
-            let mut c = client::Client::new(&[endpoint.to_owned()], policy).expect("client");
+            let endpoints: Vec<String> = endpoint.split(',').map(str::to_owned).collect();
+            let mut c = client::Client::new(&endpoints, policy).expect("client");
             while !stop.load(Ordering::Relaxed) {
                 let id = next_id();
                 seen.sent += 1;
@@ -866,56 +870,41 @@ fn loss_per_client_kind() {
     eprintln!("\n{}", rows.join("\n"));
 }
 
-/// `client::Client` (ZMQ_IMMEDIATE) connected to two brokers, as a client of the headless
-/// Service is, each broker recycling its connections every second: how many requests the
-/// closures cost it (docs/protocol.md). AGE_SECONDS (default 60) long.
+/// Lazy Pirate DEALERs connected to two brokers, as clients of the headless Service are, each
+/// broker recycling its connections every second: first without `ZMQ_IMMEDIATE`, then
+/// `client::Client` (with it), AGE_SECONDS (default 60) each; what the closures cost them
+/// (docs/protocol.md). libzmq 4.3.4 may abort the test in the second half (fq.cpp:112).
 #[test]
-#[ignore = "a measurement: a minute of load (cargo test --release --test scaleout -- --ignored --nocapture)"]
-fn immediate_clients_of_two_pods() {
+#[ignore = "a measurement: minutes of load (cargo test --release --test scaleout -- --ignored --nocapture)"]
+fn lazy_pirate_dealers_of_two_pods() {
     let _serial = serial();
-    let brokers: Vec<Broker> = (0..2).map(|_| recycling_broker("2")).collect();
-    let endpoints: Vec<String> = brokers.iter().map(|b| b.front.clone()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..8)
-        .map(|n| {
-            let (stop, endpoints) = (Arc::clone(&stop), endpoints.clone());
-            thread::spawn(move || {
-                let policy = client::RetryPolicy {
-                    timeout: REPLY_TIMEOUT,
-                    retries: 3,
-                    ..client::RetryPolicy::default()
-                };
-                let mut c = client::Client::new(&endpoints, policy).expect("client");
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let id = format!("{n}-{i}").into_bytes();
-                    assert!(c.request(&[b"0", &id]).is_ok(), "request {n}-{i} failed");
-                }
-                c.stats()
-            })
-        })
-        .collect();
     let seconds: u64 = std::env::var("AGE_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let until = Instant::now() + Duration::from_secs(seconds);
-    while Instant::now() < until {
-        // Waiting out the measurement's length.
-        thread::sleep(Duration::from_millis(100));
+    for kind in [Kind::PirateDealerQueued, Kind::PirateDealer] {
+        let brokers: Vec<Broker> = (0..2).map(|_| recycling_broker("2")).collect();
+        let endpoints: Vec<String> = brokers.iter().map(|b| b.front.clone()).collect();
+        let load = Load::start(kind, &endpoints.join(","), 8, b"0");
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let mut report = Instant::now();
+        while Instant::now() < until {
+            // Waiting out the measurement's length; progress every 10 s, in case libzmq aborts.
+            thread::sleep(Duration::from_millis(100));
+            if report.elapsed() >= Duration::from_secs(10) {
+                report = Instant::now();
+                let closed: f64 = brokers.iter().map(|b| closures(b).0 + closures(b).1).sum();
+                eprintln!("... {kind:?}: {closed} closures");
+            }
+        }
+        let seen = load.finish();
+        let closed: f64 = brokers.iter().map(|b| closures(b).0 + closures(b).1).sum();
+        eprintln!(
+            "{kind:?} on two pods: {closed} closures, {} ok, {} retries ({:.2} per closure), {} failed",
+            seen.ok,
+            seen.retries,
+            seen.retries as f64 / closed,
+            seen.lost
+        );
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut total = client::Stats::default();
-    for t in threads {
-        total.add(&t.join().expect("client thread"));
-    }
-    let closed: f64 = brokers.iter().map(|b| closures(b).0 + closures(b).1).sum();
-    eprintln!(
-        "client::Client on two pods: {closed} closures, {} ok, {} retries ({:.2} per closure), {} failed",
-        total.ok,
-        total.retries,
-        total.retries as f64 / closed,
-        total.failed
-    );
 }

@@ -31,9 +31,9 @@ pub const QUIET: Duration = Duration::from_millis(100);
 /// How often a corked connection is looked at until libzmq has written its last reply (the
 /// reply waits in the kernel meanwhile, so this is latency, never loss).
 pub const SETTLE: Duration = Duration::from_millis(1);
-/// How often an aged, idle connection whose client has not acknowledged every reply is looked
-/// at again.
-pub const UNACKED_RECHECK: Duration = Duration::from_millis(10);
+/// How often an aged connection is looked at again while its client has not acknowledged
+/// every reply, or a request of its is arriving.
+pub const RECHECK: Duration = Duration::from_millis(10);
 /// A client's libzmq closes its side as soon as it reads the FIN; a peer that has not within
 /// this long ignores it, and is aborted.
 pub const HALF_CLOSED_LINGER: Duration = Duration::from_secs(1);
@@ -143,7 +143,7 @@ fn graceful(v: &View) -> Step {
         return Step::Wait(Some(quiet_at));
     }
     if !v.delivered || v.unread {
-        return Step::Wait(Some(v.now + UNACKED_RECHECK));
+        return Step::Wait(Some(v.now + RECHECK));
     }
     Step::Close
 }
@@ -250,10 +250,10 @@ mod tests {
         let mut v = view(t);
         v.now = v.expires + QUIET;
         v.delivered = false;
-        assert_eq!(decide(&v), Step::Wait(Some(v.now + UNACKED_RECHECK)));
+        assert_eq!(decide(&v), Step::Wait(Some(v.now + RECHECK)));
         v.delivered = true;
         v.unread = true;
-        assert_eq!(decide(&v), Step::Wait(Some(v.now + UNACKED_RECHECK)));
+        assert_eq!(decide(&v), Step::Wait(Some(v.now + RECHECK)));
         v.unread = false;
         v.holds = true;
         assert_eq!(
