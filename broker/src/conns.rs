@@ -129,28 +129,26 @@ impl Conn {
     /// Resets the connection (libzmq then drops it and everything it held) and records why.
     /// Returns false if it was already reset.
     pub fn reset(&self, reason: ResetReason) -> bool {
-        // Stored as index + 1: 0 is "not reset".
-        let mark = reason.index() as u8 + 1;
-        if self
-            .reset
-            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if !self.mark(reason) {
             return false;
         }
         self.abort();
         true
     }
 
+    /// Records why the broker is closing it; false if that was already decided.
+    fn mark(&self, reason: ResetReason) -> bool {
+        // Stored as index + 1: 0 is "not reset".
+        let mark = reason.index() as u8 + 1;
+        self.reset
+            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Half-closes the connection (`shutdown(SHUT_WR)`: a FIN behind whatever is already in
     /// the kernel) and records why. Returns false if it was already reset.
     fn half_close(&self, reason: ResetReason) -> bool {
-        let mark = reason.index() as u8 + 1;
-        if self
-            .reset
-            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if !self.mark(reason) {
             return false;
         }
         let how = nix::sys::socket::Shutdown::Write;
@@ -899,6 +897,20 @@ mod tests {
             .with_age_limit(Some(Duration::from_secs(10)), Duration::from_secs(5))
     }
 
+    /// A connection of an aging table holding one request of cost 100: the table, the
+    /// connection's fd and id, and when it reaches its age.
+    fn holding_one(server: &TcpStream, port: u16) -> (Table, RawFd, u64, Instant) {
+        let mut table = aging_table(port);
+        let fd = server.as_raw_fd();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
+            panic!("tracked");
+        };
+        table.hold(fd, id, 100);
+        let due = table.sweep_ages(Instant::now()).next.expect("an expiry");
+        (table, fd, id, due)
+    }
+
     #[test]
     fn ages_are_jittered_by_a_tenth_either_way() {
         let age = Duration::from_secs(60);
@@ -945,14 +957,8 @@ mod tests {
     #[test]
     fn the_last_reply_of_an_aged_connection_leaves_with_the_fin() {
         let (listener, mut client, mut server) = pair();
-        let mut table = aging_table(listener.local_addr().expect("addr").port());
-        let fd = server.as_raw_fd();
-        assert_eq!(table.accepted(fd), Accepted::Tracked);
-        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
-            panic!("tracked");
-        };
-        table.hold(fd, id, 100);
-        let due = table.sweep_ages(Instant::now()).next.expect("an expiry");
+        let port = listener.local_addr().expect("addr").port();
+        let (mut table, fd, id, due) = holding_one(&server, port);
         let swept = table.sweep_ages(due);
         assert_eq!(swept.closed, 0, "it holds a request");
         assert_eq!(swept.next, Some(due + Duration::from_secs(5)), "the grace");
@@ -972,14 +978,8 @@ mod tests {
     #[test]
     fn a_connection_never_quiet_is_reset_at_the_grace() {
         let (listener, _client, server) = pair();
-        let mut table = aging_table(listener.local_addr().expect("addr").port());
-        let fd = server.as_raw_fd();
-        assert_eq!(table.accepted(fd), Accepted::Tracked);
-        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
-            panic!("tracked");
-        };
-        table.hold(fd, id, 100);
-        let due = table.sweep_ages(Instant::now()).next.expect("an expiry");
+        let port = listener.local_addr().expect("addr").port();
+        let (mut table, fd, id, due) = holding_one(&server, port);
         let swept = table.sweep_ages(due + Duration::from_secs(5));
         assert_eq!(swept.graced, [id]);
         assert_eq!(swept.next, None, "nothing more to do");

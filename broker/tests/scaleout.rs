@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::haproxy::{Haproxy, Server};
+use common::haproxy::{broker_behind, Haproxy, Server};
 use common::{eventually, metric, ok_count, Broker, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
 
@@ -139,6 +139,58 @@ fn req_round_trip(s: &zmq::Socket, work: &[u8], id: &[u8], timeout: Duration) ->
     true
 }
 
+/// One DEALER round trip of `[tag, "", work, id]`, the tag `id` and the attempt's number (a
+/// late reply to an earlier attempt is not taken): true if the echo came within `timeout`.
+fn dealer_round_trip(
+    s: &zmq::Socket,
+    work: &[u8],
+    id: &[u8],
+    attempt: u8,
+    timeout: Duration,
+) -> bool {
+    let mut tag = id.to_vec();
+    tag.push(attempt);
+    s.send_multipart([&tag[..], b"", work, id], 0)
+        .expect("send");
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if s.poll(zmq::POLLIN, left.as_millis() as i64 + 1)
+            .expect("poll")
+            > 0
+        {
+            let reply = s.recv_multipart(0).expect("recv");
+            if reply[0] == tag {
+                assert_eq!(reply[1..], [b"", &b"OK"[..], work, id], "echo");
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// One request the Lazy Pirate way: up to 4 attempts (`attempt`, given the socket and the
+/// attempt's number), each after the first on a new socket from `open`; counted in `seen`.
+fn lazy_pirate(
+    seen: &mut Seen,
+    socket: &mut zmq::Socket,
+    open: impl Fn() -> zmq::Socket,
+    mut attempt: impl FnMut(&zmq::Socket, u8) -> bool,
+) {
+    seen.sent += 1;
+    let sent = Instant::now();
+    for n in 0..4u8 {
+        if n > 0 {
+            seen.retries += 1;
+            *socket = open();
+        }
+        if attempt(socket, n) {
+            seen.answered(sent.elapsed());
+            return;
+        }
+    }
+    seen.lost += 1;
+}
+
 /// Runs client `n` of `kind` against `endpoint` until `stop`, each request `[work, id]` (the
 /// `work` frame tells the sleep handler how long to take; echo ignores it) with `timeout`.
 /// Told to stop, a client finishes (or gives up) what it has outstanding first.
@@ -181,24 +233,10 @@ fn run_client(
             let mut s = req_socket(&ctx, endpoint);
             while !stop.load(Ordering::Relaxed) {
                 let id = next_id();
-                seen.sent += 1;
-                let sent = Instant::now();
-                let mut done = false;
-                for attempt in 0..4 {
-                    if attempt > 0 {
-                        seen.retries += 1;
-                        s = req_socket(&ctx, endpoint);
-                    }
-                    if req_round_trip(&s, work, &id, timeout) {
-                        done = true;
-                        break;
-                    }
-                }
-                if done {
-                    seen.answered(sent.elapsed());
-                } else {
-                    seen.lost += 1;
-                }
+                let open = || req_socket(&ctx, endpoint);
+                lazy_pirate(&mut seen, &mut s, open, |s, _| {
+                    req_round_trip(s, work, &id, timeout)
+                });
             }
         }
         Kind::PirateDealer => {
@@ -229,43 +267,10 @@ fn run_client(
             let mut s = dealer_socket(&ctx, endpoint);
             while !stop.load(Ordering::Relaxed) {
                 let id = next_id();
-                seen.sent += 1;
-                let sent = Instant::now();
-                let mut done = false;
-                for attempt in 0..4u8 {
-                    if attempt > 0 {
-                        seen.retries += 1;
-                        s = dealer_socket(&ctx, endpoint);
-                    }
-                    // A fresh tag per attempt: a late reply to an earlier one is not taken.
-                    let mut tag = id.clone();
-                    tag.push(attempt);
-                    s.send_multipart([&tag[..], b"", work, &id], 0)
-                        .expect("send");
-                    let deadline = Instant::now() + timeout;
-                    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                        if s.poll(zmq::POLLIN, left.as_millis() as i64 + 1)
-                            .expect("poll")
-                            == 0
-                        {
-                            continue;
-                        }
-                        let reply = s.recv_multipart(0).expect("recv");
-                        if reply[0] == tag {
-                            assert_eq!(reply[1..], [b"", &b"OK"[..], work, &id], "echo");
-                            done = true;
-                            break;
-                        }
-                    }
-                    if done {
-                        break;
-                    }
-                }
-                if done {
-                    seen.answered(sent.elapsed());
-                } else {
-                    seen.lost += 1;
-                }
+                let open = || dealer_socket(&ctx, endpoint);
+                lazy_pirate(&mut seen, &mut s, open, |s, attempt| {
+                    dealer_round_trip(s, work, &id, attempt, timeout)
+                });
             }
         }
         Kind::Pipeline => {
@@ -506,35 +511,11 @@ struct Fleet {
 
 impl Fleet {
     fn start(extra: &[&str]) -> Fleet {
-        let mut brokers = Vec::new();
-        let mut servers = Vec::new();
-        for i in 0..4 {
-            let (zmq, admin) = (common::stable_port(), common::stable_port());
-            let front = format!("tcp://127.0.0.1:{zmq}");
-            let admin_addr = format!("127.0.0.1:{admin}");
-            let mut args = vec![
-                "--frontend",
-                &front,
-                "--admin",
-                &admin_addr,
-                "--workers",
-                "2",
-                "--handler",
-                "sleep",
-            ];
-            args.extend_from_slice(extra);
-            let broker = Broker::spawn_exact(&args, &[], zmq, admin);
-            broker.wait_for_log("state starting -> serving", EVENT_TIMEOUT);
-            brokers.push(broker);
-            servers.push(Server {
-                zmq,
-                admin,
-                disabled: i >= 2,
-            });
-        }
+        let mut args = vec!["--workers", "2", "--handler", "sleep"];
+        args.extend_from_slice(extra);
+        let (brokers, servers): (Vec<Broker>, Vec<Server>) =
+            (0..4).map(|i| broker_behind(&args, i >= 2)).unzip();
         let haproxy = Haproxy::start(&servers);
-        haproxy.wait_status(0, "UP");
-        haproxy.wait_status(1, "UP");
         Fleet { brokers, haproxy }
     }
 
@@ -731,37 +712,18 @@ fn headless_clients_beyond_the_cap_are_refused_by_every_pod_and_the_pods_stay_re
 fn balancer_clients_beyond_one_pods_cap_are_carried_by_the_fleet() {
     let _serial = serial();
     let cap = CAP.to_string();
-    let mut brokers = Vec::new();
-    let mut servers = Vec::new();
-    for _ in 0..2 {
-        let (zmq, admin) = (common::stable_port(), common::stable_port());
-        let front = format!("tcp://127.0.0.1:{zmq}");
-        let admin_addr = format!("127.0.0.1:{admin}");
-        let args = [
-            "--frontend",
-            &front,
-            "--admin",
-            &admin_addr,
-            "--workers",
-            "2",
-            "--max-connections",
-            &cap,
-            "--max-connection-age",
-            "1s",
-        ];
-        let broker = Broker::spawn_exact(&args, &[], zmq, admin);
-        broker.wait_for_log("state starting -> serving", EVENT_TIMEOUT);
-        brokers.push(broker);
-        servers.push(Server {
-            zmq,
-            admin,
-            disabled: false,
-        });
-    }
+    let args = [
+        "--workers",
+        "2",
+        "--max-connections",
+        &cap,
+        "--max-connection-age",
+        "1s",
+    ];
+    let (brokers, servers): (Vec<Broker>, Vec<Server>) =
+        (0..2).map(|_| broker_behind(&args, false)).unzip();
     // Random, as kube-proxy's iptables mode: a pod's share of new connections is uneven.
     let haproxy = Haproxy::start_balancing(&servers, "random");
-    haproxy.wait_status(0, "UP");
-    haproxy.wait_status(1, "UP");
     // More clients than one pod takes, fewer than two do: the age limit keeps moving them,
     // and a connection the balancer sends to a full pod is refused, retried by the client's
     // libzmq and sent on, its request waiting in the client's queue meanwhile.
@@ -796,6 +758,28 @@ fn balancer_clients_beyond_one_pods_cap_are_carried_by_the_fleet() {
     );
 }
 
+/// AGE_SECONDS from the environment, or `default`: how long a measurement runs.
+fn seconds_from_env(default: u64) -> u64 {
+    std::env::var("AGE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Waits out a measurement of `seconds`, calling `progress` every 10 s.
+fn wait_out(seconds: u64, mut progress: impl FnMut()) {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut report = Instant::now();
+    while Instant::now() < until {
+        // The measurement's length is the point: there is no event to wait for.
+        thread::sleep(Duration::from_millis(100));
+        if report.elapsed() >= Duration::from_secs(10) {
+            report = Instant::now();
+            progress();
+        }
+    }
+}
+
 /// Measures every kind of client against a broker recycling its connections every second
 /// (AGE_SECONDS, default 15, per kind; AGE_KINDS a comma-separated subset; with
 /// AGE_VIA_HAPROXY=1 through haproxy); prints the table behind docs/protocol.md. The other
@@ -805,10 +789,7 @@ fn balancer_clients_beyond_one_pods_cap_are_carried_by_the_fleet() {
 #[ignore = "a measurement: minutes of load (cargo test --release --test scaleout -- --ignored --nocapture)"]
 fn loss_per_client_kind() {
     let _serial = serial();
-    let seconds: u64 = std::env::var("AGE_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
+    let seconds = seconds_from_env(15);
     let via_haproxy = std::env::var("AGE_VIA_HAPROXY").is_ok_and(|v| v == "1");
     let mut rows = Vec::new();
     let only = std::env::var("AGE_KINDS").unwrap_or_default();
@@ -816,16 +797,7 @@ fn loss_per_client_kind() {
         if !only.is_empty() && !only.split(',').any(|k| format!("{kind:?}") == k) {
             continue;
         }
-        let (zmq, admin) = (common::stable_port(), common::stable_port());
-        let (front, admin_addr) = (
-            format!("tcp://127.0.0.1:{zmq}"),
-            format!("127.0.0.1:{admin}"),
-        );
         let args = [
-            "--frontend",
-            &front,
-            "--admin",
-            &admin_addr,
             "--workers",
             "2",
             "--max-connection-age",
@@ -833,25 +805,13 @@ fn loss_per_client_kind() {
             "--max-connection-age-grace",
             "1s",
         ];
-        let mut broker = Broker::spawn_exact(&args, &[], zmq, admin);
-        broker.wait_for_log("state starting -> serving", EVENT_TIMEOUT);
-        let haproxy = via_haproxy.then(|| {
-            let server = Server {
-                zmq,
-                admin,
-                disabled: false,
-            };
-            let haproxy = Haproxy::start(&[server]);
-            haproxy.wait_status(0, "UP");
-            haproxy
-        });
-        let endpoint = haproxy.as_ref().map_or(front.clone(), Haproxy::endpoint);
+        let (mut broker, server) = broker_behind(&args, false);
+        let haproxy = via_haproxy.then(|| Haproxy::start(&[server]));
+        let endpoint = haproxy
+            .as_ref()
+            .map_or(broker.front.clone(), Haproxy::endpoint);
         let load = Load::start(kind, &endpoint, 8, b"0");
-        let until = Instant::now() + Duration::from_secs(seconds);
-        while Instant::now() < until {
-            // Waiting out the measurement's length.
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_out(seconds, || {});
         let seen = load.finish();
         let (quiet, graced) = closures(&broker);
         let dropped = dropped_for_age(&broker);
@@ -878,25 +838,16 @@ fn loss_per_client_kind() {
 #[ignore = "a measurement: minutes of load (cargo test --release --test scaleout -- --ignored --nocapture)"]
 fn lazy_pirate_dealers_of_two_pods() {
     let _serial = serial();
-    let seconds: u64 = std::env::var("AGE_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let seconds = seconds_from_env(60);
     for kind in [Kind::PirateDealerQueued, Kind::PirateDealer] {
         let brokers: Vec<Broker> = (0..2).map(|_| recycling_broker("2")).collect();
         let endpoints: Vec<String> = brokers.iter().map(|b| b.front.clone()).collect();
         let load = Load::start(kind, &endpoints.join(","), 8, b"0");
-        let until = Instant::now() + Duration::from_secs(seconds);
-        let mut report = Instant::now();
-        while Instant::now() < until {
-            // Waiting out the measurement's length; progress every 10 s, in case libzmq aborts.
-            thread::sleep(Duration::from_millis(100));
-            if report.elapsed() >= Duration::from_secs(10) {
-                report = Instant::now();
-                let closed: f64 = brokers.iter().map(|b| closures(b).0 + closures(b).1).sum();
-                eprintln!("... {kind:?}: {closed} closures");
-            }
-        }
+        // Progress every 10 s, in case libzmq aborts.
+        wait_out(seconds, || {
+            let closed: f64 = brokers.iter().map(|b| closures(b).0 + closures(b).1).sum();
+            eprintln!("... {kind:?}: {closed} closures");
+        });
         let seen = load.finish();
         let closed: f64 = brokers.iter().map(|b| closures(b).0 + closures(b).1).sum();
         eprintln!(

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use super::{eventually, free_port, EVENT_TIMEOUT};
+use super::{eventually, free_port, stable_port, Broker, EVENT_TIMEOUT};
 
 /// One broker behind the balancer: its front and admin ports, and whether it takes
 /// connections from the start.
@@ -20,6 +20,26 @@ pub struct Server {
     pub admin: u16,
     /// Off until [`Haproxy::enable`] (declared up front, as haproxy needs every server).
     pub disabled: bool,
+}
+
+/// Starts a broker with `args` on ports of its own (stable ones: haproxy is told them), and
+/// waits until it serves: its place behind the balancer, in the rotation unless `disabled`.
+pub fn broker_behind(args: &[&str], disabled: bool) -> (Broker, Server) {
+    let (zmq, admin) = (stable_port(), stable_port());
+    let front = format!("tcp://127.0.0.1:{zmq}");
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let mut all = vec!["--frontend", &front, "--admin", &admin_addr];
+    all.extend_from_slice(args);
+    let broker = Broker::spawn_exact(&all, &[], zmq, admin);
+    broker.wait_for_log("state starting -> serving", EVENT_TIMEOUT);
+    (
+        broker,
+        Server {
+            zmq,
+            admin,
+            disabled,
+        },
+    )
 }
 
 /// A running haproxy; killed on drop.
@@ -40,7 +60,7 @@ impl Drop for TempDir {
 
 impl Haproxy {
     /// Starts haproxy in front of `servers` (named `b0`, `b1`, ... in order), balancing
-    /// round-robin, and waits for its stats socket.
+    /// round-robin, and waits until it sees every server in the rotation up.
     pub fn start(servers: &[Server]) -> Haproxy {
         Haproxy::start_balancing(servers, "roundrobin")
     }
@@ -89,6 +109,11 @@ impl Haproxy {
         eventually("haproxy stats socket", EVENT_TIMEOUT, || {
             haproxy.statuses().is_some()
         });
+        for (i, server) in servers.iter().enumerate() {
+            if !server.disabled {
+                haproxy.wait_status(i, "UP");
+            }
+        }
         haproxy
     }
 
