@@ -305,7 +305,7 @@ impl Broker {
         drop(pool);
         log::info!(
             "front {} admin {} workers {} handler {} max-inflight {} ({} MiB) \
-             max-connections {} memory-limit {}",
+             max-connections {} max-connection-age {} memory-limit {}",
             config.frontend,
             config.admin,
             config.workers,
@@ -313,6 +313,13 @@ impl Broker {
             config.max_inflight,
             config.max_inflight_bytes >> 20,
             config.max_connections,
+            config
+                .max_connection_age
+                .map_or("never".to_owned(), |age| format!(
+                    "{} (grace {})",
+                    humantime::format_duration(age),
+                    humantime::format_duration(config.max_connection_age_grace)
+                )),
             config
                 .memory_limit
                 .map_or("none".to_owned(), |l| format!("{} MiB", l >> 20)),

@@ -207,6 +207,26 @@ mod tests {
     }
 
     #[test]
+    fn a_connections_requests_are_released_together() {
+        let t0 = Instant::now();
+        let (mut t, gauge) = table(10, 1000, t0);
+        let from = |conn, cost| Entry {
+            origin: Some(Origin { fd: 7, conn }),
+            ..entry(cost, t0)
+        };
+        t.insert(from(1, 10), t0).expect("room");
+        let other = t.insert(from(2, 20), t0).expect("room");
+        t.insert(from(1, 30), t0).expect("room");
+        t.insert(entry(40, t0), t0).expect("room");
+        let mut given_up: Vec<usize> = t.remove_from(1, t0).iter().map(|e| e.cost).collect();
+        given_up.sort_unstable();
+        assert_eq!(given_up, [10, 30]);
+        assert_eq!((t.len(), t.bytes(), gauge.get()), (2, 60, 2));
+        assert!(t.remove_from(1, t0).is_empty());
+        assert_eq!(t.remove(other, t0).map(|e| e.cost), Some(20));
+    }
+
+    #[test]
     fn held_seconds_integrate_the_count_over_time() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
