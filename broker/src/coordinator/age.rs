@@ -16,7 +16,7 @@
 //!   [`HALF_CLOSED_LINGER`] (a peer ignoring the FIN) is aborted.
 //!
 //! [`decide`] is the whole decision, pure and unit-tested per transition; `conns::Table`
-//! keeps each connection's [`Phase`] and does the socket calls; [`Coordinator::recycle`]
+//! keeps each connection's [`Phase`] and does the socket calls; `Coordinator::recycle`
 //! runs the sweep and counts what it did.
 
 use std::time::{Duration, Instant};
