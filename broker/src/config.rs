@@ -51,6 +51,11 @@ pub mod defaults {
     pub const QUEUE_INTERVAL: &str = "100ms";
     /// `--stuck-after`
     pub const STUCK_AFTER: &str = "30s";
+    /// `--max-connection-age`: never.
+    pub const MAX_CONNECTION_AGE: &str = "0s";
+    /// `--max-connection-age-grace`: as long as the default `--drain-timeout`, the time a
+    /// held request is given to finish before it is given up.
+    pub const MAX_CONNECTION_AGE_GRACE: &str = "10s";
     /// `--cpu-rounds`
     pub const CPU_ROUNDS: u64 = 10_000;
     /// `--handler`
@@ -75,6 +80,12 @@ pub mod limits {
     pub const MIN_QUEUE_TIME: Duration = Duration::from_millis(1);
     /// Longest `--stuck-after`.
     pub const MAX_STUCK_AFTER: Duration = Duration::from_secs(86_400);
+    /// Longest `--max-connection-age`.
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(86_400);
+    /// Shortest `--max-connection-age` but 0: a client's libzmq waits 100 to 200 ms before it
+    /// reconnects (`ZMQ_RECONNECT_IVL` and its jitter), so a shorter age would have clients
+    /// spend more than a tenth of their time reconnecting.
+    pub const MIN_CONNECTION_AGE: Duration = Duration::from_secs(1);
     /// Most `--workers`: each is a thread with its own stack (2 MiB of address space); a
     /// thousand is past any pool that helps on one pod.
     pub const MAX_WORKERS: usize = 1000;
@@ -240,6 +251,15 @@ pub struct ServeArgs {
     /// nothing is refused for queue time. At least the target. 1ms to 1h.
     #[arg(long, env = "BROKER_QUEUE_INTERVAL", value_parser = Trimmed(parse_queue_time), default_value = defaults::QUEUE_INTERVAL)]
     pub queue_interval: Duration,
+    /// Close a front connection this long after it opened (jittered by up to 10 % either way),
+    /// at a moment it holds no request, so its client reconnects through its balancer; 0s:
+    /// never (1s to 24h).
+    #[arg(long, env = "BROKER_MAX_CONNECTION_AGE", value_parser = Trimmed(parse_connection_age), default_value = defaults::MAX_CONNECTION_AGE)]
+    pub max_connection_age: Duration,
+    /// A connection past its age that never goes without a request in flight is closed this
+    /// long after its age regardless, the requests it holds given up (at most 1h).
+    #[arg(long, env = "BROKER_MAX_CONNECTION_AGE_GRACE", value_parser = Trimmed(parse_wait), default_value = defaults::MAX_CONNECTION_AGE_GRACE)]
+    pub max_connection_age_grace: Duration,
     /// /livez fails when the pipeline makes no progress for this long (at most 24h).
     #[arg(long, env = "BROKER_STUCK_AFTER", value_parser = Trimmed(parse_stuck_after), default_value = defaults::STUCK_AFTER)]
     pub stuck_after: Duration,
@@ -385,6 +405,14 @@ fn parse_stuck_after(text: &str) -> Result<Duration, String> {
     at_least_a_second(bounded_duration(text, limits::MAX_STUCK_AFTER, true)?)
 }
 
+fn parse_connection_age(text: &str) -> Result<Duration, String> {
+    let age = bounded_duration(text, limits::MAX_CONNECTION_AGE, false)?;
+    if !age.is_zero() && age < limits::MIN_CONNECTION_AGE {
+        return Err("must be 0s (never) or at least 1s".into());
+    }
+    Ok(age)
+}
+
 fn parse_patience(text: &str) -> Result<Duration, String> {
     at_least_a_second(bounded_duration(text, limits::MAX_WAIT, true)?)
 }
@@ -502,6 +530,10 @@ pub struct Config {
     pub queue_interval: Duration,
     /// Liveness threshold.
     pub stuck_after: Duration,
+    /// Front connections are closed this long after they opened (jittered); `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long past its age a connection that is never quiet is kept.
+    pub max_connection_age_grace: Duration,
     /// Front socket linger at exit.
     pub flush_linger: Duration,
     /// Log level.
@@ -667,6 +699,8 @@ impl Config {
             queue_target: args.queue_target,
             queue_interval: args.queue_interval,
             stuck_after: args.stuck_after,
+            max_connection_age: Some(args.max_connection_age).filter(|age| !age.is_zero()),
+            max_connection_age_grace: args.max_connection_age_grace,
             metrics: !args.no_metrics,
             allow_from: args.allow_from,
             flush_linger: defaults::FLUSH_LINGER,
@@ -819,6 +853,20 @@ mod tests {
             assert!(args(&[flag, "1h"]).is_ok(), "{flag}");
         }
         assert!(args(&["--stuck-after", "25h"]).is_err());
+        let age = |text| config(&["--max-connection-age", text]).map(|c| c.max_connection_age);
+        assert_eq!(age("0s"), Ok(None), "0s: never");
+        assert_eq!(age("1s"), Ok(Some(Duration::from_secs(1))));
+        assert_eq!(age(" 24h "), Ok(Some(Duration::from_secs(86_400))));
+        for bad in ["999ms", "25h", "-1s", "soon"] {
+            assert!(args(&["--max-connection-age", bad]).is_err(), "{bad}");
+        }
+        assert_eq!(
+            config(&["--max-connection-age-grace", "0s"])
+                .expect("no grace is valid")
+                .max_connection_age_grace,
+            Duration::ZERO
+        );
+        assert!(args(&["--max-connection-age-grace", "2h"]).is_err());
     }
 
     #[test]

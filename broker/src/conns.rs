@@ -16,17 +16,23 @@
 //!   (a 9-byte PING per 7-byte PONG) are credited back;
 //! - held outbound = bytes of replies handed to libzmq - (bytes the peer acknowledged - the
 //!   handshake libzmq wrote): replies in libzmq's queue and in the kernel's send buffer.
+//!
+//! With `--max-connection-age`, each TCP connection also has a jittered expiry and a
+//! [`Phase`] of its recycling; [`Table::sweep_ages`] applies `coordinator::age::decide` to
+//! them and makes the socket calls (cork, half-close, abort).
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use shared::metrics::ResetReason;
 use shared::protocol::FRAME_OVERHEAD;
 
+use crate::coordinator::age::{self, Phase, Step, Swept, View};
 use crate::sys::{self, TcpCounters};
 
 /// What libzmq reads of a connection before any request: the ZMTP greeting (64 bytes) and the
@@ -123,17 +129,42 @@ impl Conn {
     /// Resets the connection (libzmq then drops it and everything it held) and records why.
     /// Returns false if it was already reset.
     pub fn reset(&self, reason: ResetReason) -> bool {
-        // Stored as index + 1: 0 is "not reset".
-        let mark = reason.index() as u8 + 1;
-        if self
-            .reset
-            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if !self.mark(reason) {
             return false;
         }
         self.abort();
         true
+    }
+
+    /// Records why the broker is closing it; false if that was already decided.
+    fn mark(&self, reason: ResetReason) -> bool {
+        // Stored as index + 1: 0 is "not reset".
+        let mark = reason.index() as u8 + 1;
+        self.reset
+            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Half-closes the connection (`shutdown(SHUT_WR)`: a FIN behind whatever is already in
+    /// the kernel) and records why. Returns false if it was already reset.
+    fn half_close(&self, reason: ResetReason) -> bool {
+        if !self.mark(reason) {
+            return false;
+        }
+        let how = nix::sys::socket::Shutdown::Write;
+        if let Err(e) = nix::sys::socket::shutdown(self.fd.as_raw_fd(), how) {
+            // Already gone (the peer closed first): libzmq reports it closed either way.
+            log::debug!("half-close of connection {} failed ({e})", self.id);
+        }
+        true
+    }
+
+    /// Corks or uncorks the connection (see [`sys::set_cork`]); a failure only loses the
+    /// reply's company of the FIN.
+    fn cork(&self, on: bool) {
+        if let Err(e) = sys::set_cork(self.fd.as_fd(), on) {
+            log::debug!("cork {on} of connection {} failed ({e})", self.id);
+        }
     }
 
     /// Refuses the connection at accept (over `--max-connections`): closed at once, never
@@ -144,6 +175,9 @@ impl Conn {
     }
 
     fn abort(&self) {
+        // The last count of what the peer acknowledged: an abort zeroes the kernel's
+        // counters, and what was acknowledged until now is delivered, not lost with it.
+        let _ = self.measure();
         if let Err(e) = sys::abort_connection(self.fd.as_fd()) {
             // Not expected on Linux; a shutdown and an empty receive queue end it too, if the
             // peer stops sending.
@@ -259,6 +293,29 @@ struct Tracked {
     first_request_seen: bool,
     /// Its CURVE client key, learnt from its first request (with `--curve-allow-keys`).
     key: Option<shared::curve::Key>,
+    /// Its recycling, with `--max-connection-age` (TCP connections only: an ipc:// client has
+    /// no balancer to be sent elsewhere by).
+    aging: Option<Aging>,
+}
+
+/// A connection's recycling under `--max-connection-age`.
+#[derive(Debug)]
+struct Aging {
+    /// When it reaches its age.
+    expires: Instant,
+    phase: Phase,
+    /// When its last request was read (or it opened), to the turn.
+    last_read: Instant,
+    /// While corked: the bytes libzmq had written into the kernel at the last look.
+    written_seen: Option<u64>,
+}
+
+/// `--max-connection-age` and its grace, with the seed of each connection's jitter.
+#[derive(Debug)]
+struct AgeLimit {
+    age: Duration,
+    grace: Duration,
+    seed: RandomState,
 }
 
 /// At most this many reply offsets are kept per connection before a measurement trims them.
@@ -277,6 +334,16 @@ pub struct Table {
     /// Outbound bytes held for all connections: exact after [`Table::resync`], raised by
     /// every reply sent, lowered by every measurement.
     out_estimate: u64,
+    /// `--max-connection-age`, if set.
+    ages: Option<AgeLimit>,
+    /// When the age sweep must look again (the earliest any connection asked for).
+    next_age_check: Option<Instant>,
+    /// An aged connection's last held request was answered: sweep at the next turn.
+    age_check_now: bool,
+    /// Requests read from connections already closed for their age, since the last sweep.
+    crossed: u64,
+    /// The time of the coordinator's turn, as the last sweep was told: stamps reads.
+    turn: Instant,
 }
 
 impl Table {
@@ -291,7 +358,23 @@ impl Table {
             next_id: 0,
             open: 0,
             out_estimate: 0,
+            ages: None,
+            next_age_check: None,
+            age_check_now: false,
+            crossed: 0,
+            turn: Instant::now(),
         }
+    }
+
+    /// Closes connections `age` after they opened (`None`: never), jittered by up to 10 %
+    /// either way, and after `grace` more regardless.
+    pub fn with_age_limit(mut self, age: Option<Duration>, grace: Duration) -> Table {
+        self.ages = age.map(|age| AgeLimit {
+            age,
+            grace,
+            seed: RandomState::new(),
+        });
+        self
     }
 
     /// Connections open now (refused ones excluded).
@@ -327,12 +410,23 @@ impl Table {
         }
         self.next_id += 1;
         let conn = Arc::new(Conn::new(self.next_id, fd));
+        let mut aging = None;
         let verdict = if self.open >= self.max {
             conn.refuse();
             Accepted::Refused
         } else {
             self.open += 1;
             self.registry.add(Arc::clone(&conn));
+            if let Some(limit) = self.ages.as_ref().filter(|_| conn.measurable) {
+                let expires = conn.opened + jittered(limit.age, limit.seed.hash_one(conn.id));
+                self.next_age_check = Some(self.next_age_check.map_or(expires, |t| t.min(expires)));
+                aging = Some(Aging {
+                    expires,
+                    phase: Phase::Young,
+                    last_read: conn.opened,
+                    written_seen: None,
+                });
+            }
             Accepted::Tracked
         };
         self.by_fd[index] = Some(Tracked {
@@ -342,6 +436,7 @@ impl Table {
             inflight: 0,
             first_request_seen: false,
             key: None,
+            aging,
         });
         verdict
     }
@@ -375,6 +470,7 @@ impl Table {
 
     /// The connection a request read from `zmq_fd` came through, with its wire size counted.
     pub fn request_read(&mut self, zmq_fd: RawFd, wire_bytes: u64) -> Attribution {
+        let turn = self.turn;
         let Some(tracked) = self.get_mut(zmq_fd) else {
             return Attribution::Untracked;
         };
@@ -382,6 +478,14 @@ impl Table {
         conn.consumed.fetch_add(wire_bytes, Ordering::Relaxed);
         if conn.refused() {
             return Attribution::Refused;
+        }
+        if let Some(aging) = tracked.aging.as_mut() {
+            if matches!(aging.phase, Phase::Closing { .. } | Phase::Done) {
+                // It crossed the close: its reply could not leave. Counted by the next sweep.
+                self.crossed += 1;
+                return Attribution::Refused;
+            }
+            aging.last_read = turn;
         }
         let first = !tracked.first_request_seen;
         if first {
@@ -463,11 +567,24 @@ impl Table {
         }
     }
 
-    /// A request of `cost` from connection `id` is answered (or given up).
+    /// A request of `cost` from connection `id` is answered (or given up). The last one an
+    /// aged connection holds is about to be answered: it is corked now, before its reply goes
+    /// to libzmq, so that the reply leaves with the FIN.
     pub fn release(&mut self, zmq_fd: RawFd, id: u64, cost: u64) {
-        if let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) {
-            tracked.inflight = tracked.inflight.saturating_sub(cost);
+        let Some(tracked) = self.get_mut(zmq_fd).filter(|t| t.conn.id == id) else {
+            return;
+        };
+        tracked.inflight = tracked.inflight.saturating_sub(cost);
+        if tracked.inflight > 0 {
+            return;
         }
+        let Some(aging) = tracked.aging.as_mut().filter(|a| a.phase == Phase::Due) else {
+            return;
+        };
+        tracked.conn.cork(true);
+        aging.phase = Phase::Corked;
+        aging.written_seen = None;
+        self.age_check_now = true;
     }
 
     /// A reply of `wire_bytes` in `frames` frames was handed to libzmq for connection `id`.
@@ -478,6 +595,13 @@ impl Table {
         if !tracked.conn.measurable {
             return;
         }
+        // An answer it did not hold (a refusal, a health check) to an aged connection: the
+        // sweep looks at it again soon.
+        let aged_and_idle = tracked.inflight == 0
+            && tracked
+                .aging
+                .as_ref()
+                .is_some_and(|a| a.phase == Phase::Due);
         let end = tracked.conn.sent.fetch_add(wire_bytes, Ordering::Relaxed) + wire_bytes;
         tracked.pending.push_back((end, frames));
         tracked.pending_frames += u64::from(frames);
@@ -486,6 +610,7 @@ impl Table {
             trim(tracked);
         }
         self.out_estimate += wire_bytes + u64::from(frames) * FRAME_OVERHEAD as u64;
+        self.age_check_now |= aged_and_idle;
     }
 
     /// Outbound bytes held for all connections (see the field's note on freshness).
@@ -509,6 +634,104 @@ impl Table {
         self.resync();
     }
 
+    /// Applies the age decision to every connection due a look: closes those past their age
+    /// that can go now, aborts those past their grace. Cheap when none is due.
+    pub fn sweep_ages(&mut self, now: Instant) -> Swept {
+        self.turn = now;
+        let mut swept = Swept {
+            crossed: std::mem::take(&mut self.crossed),
+            ..Swept::default()
+        };
+        let Some(limit) = &self.ages else {
+            return swept;
+        };
+        let grace = limit.grace;
+        if !self.age_check_now && self.next_age_check.is_none_or(|t| now < t) {
+            swept.next = self.next_age_check;
+            return swept;
+        }
+        self.age_check_now = false;
+        let mut next: Option<Instant> = None;
+        for tracked in self.by_fd.iter_mut().flatten() {
+            let Some(aging) = tracked.aging.as_mut() else {
+                continue;
+            };
+            let conn = &tracked.conn;
+            if conn.reset_reason().is_some()
+                && !matches!(aging.phase, Phase::Closing { .. } | Phase::Done)
+            {
+                // Reset by the guard or for its key meanwhile: nothing left to recycle.
+                aging.phase = Phase::Done;
+                continue;
+            }
+            if aging.phase == Phase::Young && now >= aging.expires {
+                aging.phase = Phase::Due;
+            }
+            let mut view = View {
+                now,
+                expires: aging.expires,
+                grace,
+                phase: aging.phase,
+                holds: tracked.inflight > 0,
+                last_read: aging.last_read,
+                unread: false,
+                written: false,
+                delivered: false,
+            };
+            let measured = matches!(aging.phase, Phase::Due | Phase::Corked) && !view.holds;
+            if measured {
+                let _ = conn.measure();
+                let (out, unread) = sys::queued_bytes(conn.fd.as_fd()).unwrap_or((0, 0));
+                // What libzmq has written into the kernel, against what it was handed (plain
+                // ZMTP sizes: a lower bound under CURVE, hence the second look that finds
+                // libzmq done writing).
+                let written = conn.acked.load(Ordering::Relaxed) + out;
+                let expected =
+                    conn.handshake_out.load(Ordering::Relaxed) + conn.sent.load(Ordering::Relaxed);
+                view.written = written >= expected && aging.written_seen == Some(written);
+                aging.written_seen = Some(written);
+                view.unread = unread > 0;
+                view.delivered = conn.held_out() == 0;
+            }
+            let mut wake = |at: Instant| next = Some(next.map_or(at, |t: Instant| t.min(at)));
+            match age::decide(&view) {
+                Step::Wait(at) => {
+                    if let Some(at) = at {
+                        wake(at);
+                    }
+                }
+                Step::Close => {
+                    if conn.half_close(ResetReason::Age) {
+                        swept.closed += 1;
+                        aging.phase = Phase::Closing { since: now };
+                        wake(now + age::HALF_CLOSED_LINGER);
+                    } else {
+                        aging.phase = Phase::Done;
+                    }
+                }
+                Step::Uncork => {
+                    conn.cork(false);
+                    aging.phase = Phase::Due;
+                    // A request arriving is read within the turn: look again soon.
+                    wake(now + age::RECHECK);
+                }
+                Step::Abort(reason) => {
+                    if conn.reset(reason) {
+                        swept.graced.push(conn.id);
+                    }
+                    aging.phase = Phase::Done;
+                }
+                Step::Finish => {
+                    conn.abort();
+                    aging.phase = Phase::Done;
+                }
+            }
+        }
+        self.next_age_check = next;
+        swept.next = next;
+        swept
+    }
+
     /// Drops every connection (at exit): our duplicates close.
     pub fn clear(&mut self) {
         self.by_fd.clear();
@@ -528,6 +751,14 @@ impl Tracked {
     fn held_out(&self) -> u64 {
         self.conn.held_out() + self.pending_frames * FRAME_OVERHEAD as u64
     }
+}
+
+/// A connection's age, `age` jittered by up to 10 % either way by `random` (so connections
+/// opened together, a fleet of clients started at once, do not all reconnect at once).
+fn jittered(age: Duration, random: u64) -> Duration {
+    // 53 random bits as a fraction in [0, 1).
+    let unit = (random >> 11) as f64 / (1u64 << 53) as f64;
+    age.mul_f64(0.9 + 0.2 * unit)
 }
 
 /// Forgets the replies the peer has acknowledged.
@@ -659,6 +890,103 @@ mod tests {
         assert!(!table.fits(fd, id, u64::MAX, 1000), "no overflow");
         table.release(fd, id, 1000);
         assert!(table.fits(fd, id, 1000, 1000));
+    }
+
+    fn aging_table(port: u16) -> Table {
+        Table::new(10, Some(port), Arc::new(Registry::default()))
+            .with_age_limit(Some(Duration::from_secs(10)), Duration::from_secs(5))
+    }
+
+    /// A connection of an aging table holding one request of cost 100: the table, the
+    /// connection's fd and id, and when it reaches its age.
+    fn holding_one(server: &TcpStream, port: u16) -> (Table, RawFd, u64, Instant) {
+        let mut table = aging_table(port);
+        let fd = server.as_raw_fd();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let Attribution::Tracked { id, .. } = table.request_read(fd, 10) else {
+            panic!("tracked");
+        };
+        table.hold(fd, id, 100);
+        let due = table.sweep_ages(Instant::now()).next.expect("an expiry");
+        (table, fd, id, due)
+    }
+
+    #[test]
+    fn ages_are_jittered_by_a_tenth_either_way() {
+        let age = Duration::from_secs(60);
+        assert_eq!(jittered(age, 0), Duration::from_secs(54));
+        assert!(jittered(age, u64::MAX) <= Duration::from_secs(66));
+        assert!(jittered(age, u64::MAX) > Duration::from_millis(65_999));
+        assert_eq!(jittered(age, 1 << 63), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_aged_idle_connection_is_half_closed_and_a_request_crossing_it_refused() {
+        let (listener, mut client, server) = pair();
+        let mut table = aging_table(listener.local_addr().expect("addr").port());
+        let fd = server.as_raw_fd();
+        let before = Instant::now();
+        assert_eq!(table.accepted(fd), Accepted::Tracked);
+        let expires = table.sweep_ages(before).next.expect("an expiry");
+        assert!(expires >= before + Duration::from_secs(9));
+        assert!(expires <= Instant::now() + Duration::from_secs(11));
+        // A request read (and answered at once) just before its age: closed once quiet.
+        let read_at = expires - Duration::from_millis(1);
+        assert_eq!(table.sweep_ages(read_at).closed, 0);
+        assert!(matches!(
+            table.request_read(fd, 10),
+            Attribution::Tracked { first: true, .. }
+        ));
+        let swept = table.sweep_ages(expires);
+        assert_eq!((swept.closed, swept.next), (0, Some(read_at + age::QUIET)));
+        let due = read_at + age::QUIET;
+        assert_eq!(table.sweep_ages(due).closed, 1);
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            client.read(&mut buf).expect("read"),
+            0,
+            "the client sees the FIN"
+        );
+        // A request that crossed the FIN is not served, and counted by the next sweep.
+        assert_eq!(table.request_read(fd, 10), Attribution::Refused);
+        assert_eq!(table.sweep_ages(due + age::QUIET).crossed, 1);
+        let closed = table.disconnected(fd).expect("tracked");
+        assert_eq!(closed.reset, Some(ResetReason::Age));
+    }
+
+    #[test]
+    fn the_last_reply_of_an_aged_connection_leaves_with_the_fin() {
+        let (listener, mut client, mut server) = pair();
+        let port = listener.local_addr().expect("addr").port();
+        let (mut table, fd, id, due) = holding_one(&server, port);
+        let swept = table.sweep_ages(due);
+        assert_eq!(swept.closed, 0, "it holds a request");
+        assert_eq!(swept.next, Some(due + Duration::from_secs(5)), "the grace");
+        // Answered: corked before the reply is written (here by the test, as libzmq would).
+        table.release(fd, id, 100);
+        server.write_all(b"reply").expect("write");
+        table.reply_sent(fd, id, 5, 1);
+        let first = table.sweep_ages(due);
+        assert_eq!(first.closed, 0, "one look to see libzmq has written it");
+        assert_eq!(first.next, Some(due + age::SETTLE));
+        assert_eq!(table.sweep_ages(due + age::SETTLE).closed, 1);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"reply", "the reply, then the end of the stream");
+    }
+
+    #[test]
+    fn a_connection_never_quiet_is_reset_at_the_grace() {
+        let (listener, _client, server) = pair();
+        let port = listener.local_addr().expect("addr").port();
+        let (mut table, fd, id, due) = holding_one(&server, port);
+        let swept = table.sweep_ages(due + Duration::from_secs(5));
+        assert_eq!(swept.graced, [id]);
+        assert_eq!(swept.next, None, "nothing more to do");
+        assert_eq!(
+            table.disconnected(fd).expect("tracked").reset,
+            Some(ResetReason::AgeGrace)
+        );
     }
 
     fn registry_conn(table: &Table, fd: RawFd) -> Arc<Conn> {

@@ -290,7 +290,8 @@ impl Broker {
             config.max_connections,
             config.frontend.port(),
             Arc::clone(&registry),
-        );
+        )
+        .with_age_limit(config.max_connection_age, config.max_connection_age_grace);
         let guard_shared = Arc::new(guard::Shared::default());
         let guard = guard::Guard::spawn(
             guard::Limits {
@@ -340,7 +341,7 @@ impl Broker {
         drop(pool);
         log::info!(
             "front {} admin {} workers {} handler {} max-inflight {} ({} MiB) \
-             max-connections {} memory-limit {}",
+             max-connections {} max-connection-age {} memory-limit {}",
             config.frontend,
             config.admin,
             config.workers,
@@ -348,6 +349,13 @@ impl Broker {
             config.max_inflight,
             config.max_inflight_bytes >> 20,
             config.max_connections,
+            config
+                .max_connection_age
+                .map_or("never".to_owned(), |age| format!(
+                    "{} (grace {})",
+                    humantime::format_duration(age),
+                    humantime::format_duration(config.max_connection_age_grace)
+                )),
             config
                 .memory_limit
                 .map_or("none".to_owned(), |l| format!("{} MiB", l >> 20)),

@@ -75,8 +75,6 @@ pub enum Unhealthy {
 #[derive(Debug)]
 pub struct Status {
     state: AtomicU8,
-    /// `--max-connections` are open: a new client would be refused.
-    full: AtomicBool,
     /// New work is refused to stay inside the memory limit.
     shedding: AtomicBool,
     epoch: Instant,
@@ -90,7 +88,6 @@ impl Status {
     pub fn new(stuck_after: Duration, activity: Arc<Activity>) -> Status {
         Status {
             state: AtomicU8::new(State::Starting as u8),
-            full: AtomicBool::new(false),
             shedding: AtomicBool::new(false),
             epoch: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
@@ -114,7 +111,10 @@ impl Status {
     }
 
     /// Ready to be sent traffic: only while serving (never once a stop signal arrived), and
-    /// not while a new connection or new work would be refused.
+    /// not while new work would be refused for memory. A pod at `--max-connections` stays
+    /// ready: it refuses only the excess connections (which their clients retry, through a
+    /// balancer to another pod), where unready would take every pod of a fleet that headless
+    /// clients all connect to out of its Services at once (docs/kubernetes.md, section 3).
     pub fn ready(&self) -> bool {
         self.not_ready_because().is_none()
     }
@@ -124,18 +124,11 @@ impl Status {
         let state = self.state();
         if state != State::Serving {
             Some(state.to_string())
-        } else if self.full.load(Ordering::Relaxed) {
-            Some("at --max-connections".into())
         } else if self.shedding.load(Ordering::Relaxed) {
             Some("shedding load near --memory-limit".into())
         } else {
             None
         }
-    }
-
-    /// Whether `--max-connections` are open (set by the coordinator).
-    pub fn set_full(&self, full: bool) {
-        self.full.store(full, Ordering::Relaxed);
     }
 
     /// Whether new work is refused for memory (set by the coordinator from the guard's flag).
@@ -193,14 +186,11 @@ mod tests {
         assert!(!status.ready());
         status.set(State::Serving);
         assert!(status.ready());
-        status.set_full(true);
+        status.set_shedding(true);
         assert_eq!(
             status.not_ready_because().as_deref(),
-            Some("at --max-connections")
+            Some("shedding load near --memory-limit")
         );
-        status.set_full(false);
-        status.set_shedding(true);
-        assert!(!status.ready());
         status.set_shedding(false);
         assert!(status.ready());
         status.set(State::Stopping);

@@ -1,7 +1,8 @@
 //! The few operating-system and libzmq calls that neither std, nix nor the zmq crate offers
 //! safely, kept in one place so the rest of the crate stays `unsafe`-free: duplicating
 //! libzmq's connection sockets, reading `TCP_INFO` (the byte counters the memory bounds are
-//! built on), tuning glibc's allocator, and deriving a CURVE public key.
+//! built on) and the kernel's queue lengths, corking a connection, tuning glibc's allocator,
+//! and deriving a CURVE public key.
 
 #![allow(unsafe_code)]
 
@@ -141,6 +142,48 @@ pub fn abort_connection(fd: BorrowedFd<'_>) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Holds (`on`) or releases what is written to a TCP socket: while corked, Linux sends only
+/// full segments, so a reply libzmq writes waits in the kernel; a `shutdown(SHUT_WR)` then
+/// sends it with the FIN in the same segment (the kernel pushes corked data at a FIN), and
+/// the peer reads the reply and the end of the stream together.
+pub fn set_cork(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let value: libc::c_int = on.into();
+    // SAFETY: `value` is a c_int that lives across the call, and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes in a socket's kernel queues: (written and not yet acknowledged by the peer, sent or
+/// not: `SIOCOUTQ`; received and not yet read by libzmq: `SIOCINQ`).
+pub fn queued_bytes(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let mut out: libc::c_int = 0;
+    let mut inq: libc::c_int = 0;
+    // SAFETY: both requests write one c_int through the pointer given, which is valid for it.
+    let rc = unsafe {
+        let rc = libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut out as *mut libc::c_int);
+        if rc != 0 {
+            rc
+        } else {
+            libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq as *mut libc::c_int)
+        }
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((out.max(0) as u64, inq.max(0) as u64))
 }
 
 /// Drops the data waiting in a TCP socket's receive queue without reading it (`MSG_TRUNC`,

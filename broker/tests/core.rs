@@ -544,6 +544,16 @@ fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
         ),
         (&["--stall-timeout", "2h"], &[], "--stall-timeout"),
         (&["--stuck-after", "25h"], &[], "--stuck-after"),
+        (
+            &["--max-connection-age", "25h"],
+            &[],
+            "--max-connection-age",
+        ),
+        (
+            &["--max-connection-age-grace", "2h"],
+            &[],
+            "--max-connection-age-grace",
+        ),
         // Counts beyond what memory, libzmq or the kernel allow (these used to abort).
         (
             &["--max-inflight", "18446744073709551615"],
@@ -584,6 +594,11 @@ fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
         (&["--stall-timeout", "0s"], &[], "--stall-timeout"),
         (&["--stall-timeout", "999ms"], &[], "--stall-timeout"),
         (&["--stuck-after", "1ms"], &[], "--stuck-after"),
+        (
+            &[],
+            &[("BROKER_MAX_CONNECTION_AGE", "999ms")],
+            "--max-connection-age",
+        ),
         (&["--max-message-bytes", "63"], &[], "--max-message-bytes"),
         (&["--frontend", "ipc://*"], &[], "--frontend"),
         // A random admin port no probe could be told (issue 19).
@@ -691,6 +706,28 @@ fn the_extremes_of_every_accepted_range_work() {
         "WARN hides info lines: {}",
         quiet.log_text()
     );
+    // The shortest connection age, with no grace: the connection is closed after about a
+    // second and the client served again on the next one; the longest age and grace serve.
+    let brief = Broker::start(&[
+        "--max-connection-age",
+        "1s",
+        "--max-connection-age-grace",
+        "0s",
+    ]);
+    let client = Client::req(&brief.front);
+    assert_eq!(ok(client.request(&[b"before"])), [b"before".to_vec()]);
+    common::eventually("the connection recycled", EVENT_TIMEOUT, || {
+        common::metric(&brief, "broker_connections_reset_total{reason=\"age\"}") == 1.0
+    });
+    assert_eq!(ok(client.request(&[b"after"])), [b"after".to_vec()]);
+    let longest = Broker::start(&[
+        "--max-connection-age",
+        "24h",
+        "--max-connection-age-grace",
+        "1h",
+    ]);
+    let client = Client::req(&longest.front);
+    assert_eq!(ok(client.request(&[b"aged"])), [b"aged".to_vec()]);
     // The longest timers: a drain with nothing in flight still ends at once, and a second
     // signal during an hour-long shutdown delay exits now.
     let mut long = Broker::start(&["--drain-timeout", "1h", "--stall-timeout", "1h"]);

@@ -6,17 +6,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use client::{Client as RetryClient, RetryPolicy, Stats};
-use common::{eventually, free_port, metric, ok, Broker, Client, EVENT_TIMEOUT};
+use common::haproxy::{Haproxy, Server};
+use common::{eventually, metric, ok, Broker, Client, EVENT_TIMEOUT};
 use nix::sys::signal::Signal;
 
 /// These tests load both cores; run them one at a time so none measures another's load.
@@ -56,105 +54,17 @@ impl Slot {
     }
 }
 
-/// haproxy in TCP mode in front of `slots`, health-checking each broker's /readyz.
-struct Haproxy {
-    child: Child,
-    port: u16,
-    stats: PathBuf,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Haproxy {
-    fn start(slots: &[Slot]) -> Haproxy {
-        let dir = std::env::temp_dir().join(format!(
-            "broker-haproxy-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let port = free_port();
-        let stats = dir.join("stats.sock");
-        let mut config = format!(
-            "global\n  maxconn 4000\n  stats socket {} level admin\n\
-             defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n\
-             frontend zmq\n  bind 127.0.0.1:{port}\n  default_backend brokers\n\
-             backend brokers\n  balance roundrobin\n  option httpchk GET /readyz\n\
-             \x20 default-server inter 100ms fall 1 rise 1\n",
-            stats.display()
-        );
-        for (i, slot) in slots.iter().enumerate() {
-            config.push_str(&format!(
-                "  server b{i} 127.0.0.1:{} check port {}\n",
-                slot.zmq, slot.admin
-            ));
-        }
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config).expect("write haproxy.cfg");
-        let child = Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("haproxy runs (scripts/setup installs it)");
-        let haproxy = Haproxy {
-            child,
-            port,
-            stats,
-            _dir: TempDir(dir),
-        };
-        eventually("haproxy stats socket", EVENT_TIMEOUT, || {
-            haproxy.statuses().is_some()
-        });
-        haproxy
-    }
-
-    fn endpoint(&self) -> String {
-        format!("tcp://127.0.0.1:{}", self.port)
-    }
-
-    /// Server name -> status ("UP", "DOWN", ...), from the stats socket.
-    fn statuses(&self) -> Option<Vec<(String, String)>> {
-        let mut stream = UnixStream::connect(&self.stats).ok()?;
-        stream.write_all(b"show stat\n").ok()?;
-        let mut rows = Vec::new();
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            let cols: Vec<&str> = line.split(',').collect();
-            if cols.len() > 17 && cols[0] == "brokers" && cols[1].starts_with('b') {
-                rows.push((cols[1].to_owned(), cols[17].to_owned()));
-            }
-        }
-        Some(rows)
-    }
-
-    fn wait_status(&self, server: usize, status: &str) {
-        let name = format!("b{server}");
-        eventually(
-            &format!("haproxy sees {name} {status}"),
-            EVENT_TIMEOUT,
-            || {
-                self.statuses().is_some_and(|rows| {
-                    rows.iter()
-                        .any(|(n, s)| *n == name && s.starts_with(status))
-                })
-            },
-        );
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// haproxy in front of `slots`, every one in the rotation.
+fn balancer(slots: &[Slot]) -> Haproxy {
+    let servers: Vec<Server> = slots
+        .iter()
+        .map(|s| Server {
+            zmq: s.zmq,
+            admin: s.admin,
+            disabled: false,
+        })
+        .collect();
+    Haproxy::start(&servers)
 }
 
 /// Retrying clients sending `body` in a loop until stopped.
@@ -218,7 +128,7 @@ fn rolling_restart_behind_a_balancer_fails_no_request() {
         "10s",
     ];
     let mut brokers: Vec<Broker> = slots.iter().map(|s| s.start(&args)).collect();
-    let haproxy = Haproxy::start(&slots);
+    let haproxy = balancer(&slots);
     for i in 0..3 {
         haproxy.wait_status(i, "UP");
     }
@@ -255,7 +165,7 @@ fn a_crashed_replica_costs_retries_not_requests() {
     let slots: Vec<Slot> = (0..3).map(|_| Slot::new()).collect();
     let args = ["--workers", "2", "--handler", "sleep"];
     let mut brokers: Vec<Broker> = slots.iter().map(|s| s.start(&args)).collect();
-    let haproxy = Haproxy::start(&slots);
+    let haproxy = balancer(&slots);
     for i in 0..3 {
         haproxy.wait_status(i, "UP");
     }

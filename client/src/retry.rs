@@ -256,11 +256,13 @@ impl Client {
             socket.set_linger(0).map_err(|e| Error::Zmq("linger", e))?;
             // IPv6 endpoints as well as IPv4 ones (libzmq connects IPv4 only by default).
             socket.set_ipv6(true).map_err(|e| Error::Zmq("ipv6", e))?;
-            // Queue only to peers that are connected: an address that does not answer (a pod
-            // being replaced) must not swallow requests.
-            socket
-                .set_immediate(true)
-                .map_err(|e| Error::Zmq("immediate", e))?;
+            // Not ZMQ_IMMEDIATE, though it would keep requests off an address that does not
+            // answer: with it, libzmq 4.3.4 ends a pipe at once when its connection drops, drops
+            // what the pipe held (the reply that came with a recycled connection's close, or the
+            // next request), and can abort the process (`!_more` in fq.cpp, libzmq #3485) when
+            // that happens mid-message, which the broker's connection age makes routine. A
+            // request queued to a dead address costs one timeout, then a fresh socket and the
+            // names resolved again.
             self.security.apply(&socket)?;
             self.socket = Some(socket);
             self.next_resolve = now;
@@ -312,7 +314,7 @@ impl Client {
         let id = self.next_id.to_be_bytes();
         let with_header = self.policy.deadline_header;
         let socket = self.socket()?;
-        // With ZMQ_IMMEDIATE and no connected peer the send would block: wait for one.
+        // At its high-water mark the send would block: wait for room, within the attempt.
         loop {
             // The budget is what is left when the request leaves, not when it was first tried.
             let header = timeout_header(deadline.saturating_duration_since(Instant::now()));

@@ -112,15 +112,17 @@ impl Coordinator {
                 let Some(closed) = closed else {
                     return;
                 };
-                if closed.reset.is_some() {
-                    self.outbox.remember_reset(closed.id);
-                }
-                if closed.undelivered > 0 {
-                    let reason = if closed.reset.is_some() {
+                let reason = match closed.reset {
+                    // Nothing it held outlives an age close (given up at the grace; requests
+                    // that crossed a half-close are refused), so no late reply is named.
+                    Some(ResetReason::Age | ResetReason::AgeGrace) => DropReason::Age,
+                    Some(_) => {
+                        self.outbox.remember_reset(closed.id);
                         DropReason::Reset
-                    } else {
-                        DropReason::PeerGone
-                    };
+                    }
+                    None => DropReason::PeerGone,
+                };
+                if closed.undelivered > 0 {
                     self.outbox.lost(reason, closed.undelivered);
                 }
             }

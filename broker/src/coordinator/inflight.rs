@@ -123,6 +123,25 @@ impl InFlight {
             .collect()
     }
 
+    /// Releases every request held for connection `conn` (closed at the end of its age's
+    /// grace).
+    pub fn remove_from(&mut self, conn: u64, now: Instant) -> Vec<Entry> {
+        let tickets: Vec<Ticket> = self
+            .slab
+            .tickets()
+            .into_iter()
+            .filter(|t| {
+                self.slab
+                    .get(*t)
+                    .is_some_and(|e| e.origin.is_some_and(|o| o.conn == conn))
+            })
+            .collect();
+        tickets
+            .into_iter()
+            .filter_map(|ticket| self.remove(ticket, now))
+            .collect()
+    }
+
     /// The request-seconds held up to `now`.
     pub fn held_seconds(&mut self, now: Instant) -> f64 {
         self.integrate(now);
@@ -185,6 +204,26 @@ mod tests {
         assert_eq!(t.remove(b, t0).map(|e| e.cost), Some(40));
         assert!(t.is_empty());
         assert_eq!((t.bytes(), gauge.get()), (0, 0));
+    }
+
+    #[test]
+    fn a_connections_requests_are_released_together() {
+        let t0 = Instant::now();
+        let (mut t, gauge) = table(10, 1000, t0);
+        let from = |conn, cost| Entry {
+            origin: Some(Origin { fd: 7, conn }),
+            ..entry(cost, t0)
+        };
+        t.insert(from(1, 10), t0).expect("room");
+        let other = t.insert(from(2, 20), t0).expect("room");
+        t.insert(from(1, 30), t0).expect("room");
+        t.insert(entry(40, t0), t0).expect("room");
+        let mut given_up: Vec<usize> = t.remove_from(1, t0).iter().map(|e| e.cost).collect();
+        given_up.sort_unstable();
+        assert_eq!(given_up, [10, 30]);
+        assert_eq!((t.len(), t.bytes(), gauge.get()), (2, 60, 2));
+        assert!(t.remove_from(1, t0).is_empty());
+        assert_eq!(t.remove(other, t0).map(|e| e.cost), Some(20));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! docs/architecture.md walks a request and a SIGTERM through them.
 
 pub mod admission;
+pub mod age;
 pub mod clock;
 pub mod connections;
 pub mod inflight;
@@ -241,7 +242,11 @@ impl Coordinator {
                 self.refresh_keys();
             }
             self.refusals.log_if_due(now);
+            let recycle_at = self.recycle(now);
             let wait = wake_at
+                .into_iter()
+                .chain(recycle_at)
+                .min()
                 .map_or(self.heartbeat, |at| at.saturating_duration_since(now))
                 .min(self.heartbeat)
                 .min(self.next_resync.saturating_duration_since(now))
@@ -372,9 +377,8 @@ impl Coordinator {
     fn publish(&mut self, now: Instant) {
         self.inflight.publish(&self.metrics, now);
         self.rec.flush();
-        // Readiness: not while a new client or new work would be refused.
-        self.status
-            .set_full(self.conns.open() >= self.config.max_connections);
+        // Readiness: not while new work would be refused (at --max-connections a pod stays
+        // ready and refuses only the excess connections).
         self.status.set_shedding(self.guard.shedding());
     }
 

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod deploy;
+pub mod haproxy;
 pub mod pipeline;
 pub mod zmtp;
 

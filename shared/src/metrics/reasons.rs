@@ -50,6 +50,9 @@ reasons! {
         /// The broker reset the connection (over a bound, stalled, or its key revoked) with
         /// replies still queued or still being handled.
         Reset => "reset",
+        /// The broker closed the connection for its age (`--max-connection-age`) with the
+        /// request still held: at the grace, or a request that crossed the close.
+        Age => "age",
     }
 }
 
@@ -90,6 +93,12 @@ reasons! {
         Memory => "memory",
         /// Its CURVE key was removed from `--curve-allow-keys`.
         Revoked => "revoked",
+        /// Older than `--max-connection-age`: closed at a moment it held no request, so its
+        /// client reconnects (through a balancer, perhaps to another pod).
+        Age => "age",
+        /// Older than `--max-connection-age` plus `--max-connection-age-grace` and never
+        /// quiet: closed with what it held.
+        AgeGrace => "age_grace",
     }
 }
 
