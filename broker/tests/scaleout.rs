@@ -42,7 +42,8 @@ enum Kind {
     /// REQ with the Lazy Pirate retry of docs/protocol.md: on timeout, a new socket and the
     /// request again.
     PirateReq,
-    /// `client::Client`: Lazy Pirate on a DEALER with ZMQ_IMMEDIATE.
+    /// `client::Client`: Lazy Pirate on a DEALER (without ZMQ_IMMEDIATE since it was measured
+    /// here: with it, libzmq dropped what a recycled pipe held and could abort).
     PirateDealer,
     /// Lazy Pirate on a DEALER without ZMQ_IMMEDIATE (a request id per attempt).
     PirateDealerQueued,
