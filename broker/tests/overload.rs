@@ -235,3 +235,59 @@ fn refused_requests_count_as_demand() {
     assert!(after - before > 0.5, "{before} -> {after}");
     assert_eq!(refused(&broker, "max_inflight"), 10.0);
 }
+
+/// An idle queue has drained, however long it sat idle: the first burst after a quiet spell
+/// longer than the interval is served, not taken for a queue that stood all along.
+#[test]
+fn a_burst_after_a_quiet_spell_is_served() {
+    let broker = Broker::start(&[
+        "--workers",
+        "1",
+        "--handler",
+        "sleep",
+        "--queue-target",
+        "20ms",
+        "--queue-interval",
+        "100ms",
+    ]);
+    let client = Client::dealer(&broker.front, true);
+    for _ in 0..5 {
+        assert!(matches!(client.request(&[b"10"]), Reply::Ok(_)));
+    }
+    // The quiet spell is the input here, not a wait for an event: three intervals idle.
+    std::thread::sleep(Duration::from_millis(300));
+    // Six of 10 ms: the last waits about 50 ms, inside the interval, so the queue drains
+    // before it would stand.
+    for _ in 0..6 {
+        client.send(&[b"10"]);
+    }
+    let outcomes: Vec<Option<ErrorCode>> = (0..6).map(|_| err_code(&client.recv_reply())).collect();
+    assert!(outcomes.iter().all(Option::is_none), "{outcomes:?}");
+    assert_eq!(refused(&broker, "predicted_wait"), 0.0);
+    assert_eq!(refused(&broker, "queue_time"), 0.0);
+}
+
+/// A reply that would come after the client's budget is refused at the door: the budget must
+/// cover the predicted wait and a service time, not the wait alone.
+#[test]
+fn a_budget_shorter_than_the_service_time_is_refused_at_once() {
+    let broker = Broker::start(&["--workers", "1", "--handler", "sleep"]);
+    let client = Client::dealer(&broker.front, true);
+    for _ in 0..3 {
+        assert!(matches!(client.request(&[b"100"]), Reply::Ok(_)));
+    }
+    // An idle pool, a 100 ms handler and a 50 ms budget: the reply would be 50 ms late.
+    let busy_before = metric(&broker, "broker_worker_busy_seconds_total");
+    with_budget(&client, 50, &[b"100"]);
+    assert_eq!(
+        err_code(&client.recv_reply()),
+        Some(ErrorCode::DeadlineExceeded)
+    );
+    assert_eq!(refused(&broker, "deadline_exceeded"), 1.0);
+    // A budget that covers it is served.
+    with_budget(&client, 1000, &[b"100"]);
+    assert!(matches!(client.recv_reply(), Reply::Ok(_)));
+    // The refused one never ran.
+    let busy = metric(&broker, "broker_worker_busy_seconds_total") - busy_before;
+    assert!(busy < 0.15, "{busy} s busy for one request of 0.1 s");
+}

@@ -6,42 +6,77 @@
 //! one is idle.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::Job;
 
-/// A job a worker took, and whether taking it left the queue drained (it was the last one, or
-/// the worker had waited for it on an empty queue).
+/// A job a worker took, and since when the queue had held something when it took it.
 #[derive(Debug)]
 pub struct Taken {
     /// The job.
     pub job: Job,
-    /// The queue was empty just before or just after this job.
-    pub drained: bool,
+    /// The queue has not been empty since this instant (its last push onto an empty queue):
+    /// how long it has gone without draining is what queue management asks.
+    pub queued_since: Instant,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     queue: VecDeque<Job>,
     closed: bool,
     idle: usize,
+    /// When the queue last went from empty to not (meaningful while it is not empty).
+    since: Instant,
 }
 
 /// The queue between the coordinator and the workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Jobs {
     inner: Mutex<Inner>,
     ready: Condvar,
+    epoch: Instant,
     /// The queue's length, readable without the lock (admission predicts waits by it).
     len: AtomicUsize,
+    /// `Inner::since` as nanoseconds since `epoch`, readable without the lock.
+    since_ns: AtomicU64,
+}
+
+impl Default for Jobs {
+    fn default() -> Jobs {
+        Jobs::new()
+    }
 }
 
 impl Jobs {
     /// An empty, open queue.
     pub fn new() -> Jobs {
-        Jobs::default()
+        let epoch = Instant::now();
+        Jobs {
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                closed: false,
+                idle: 0,
+                since: epoch,
+            }),
+            ready: Condvar::new(),
+            epoch,
+            len: AtomicUsize::new(0),
+            since_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the queue has gone without being empty, as of `now` (zero while it is empty:
+    /// an idle queue has drained, however long ago its last job left).
+    pub fn undrained(&self, now: Instant) -> Duration {
+        if self.is_empty() {
+            return Duration::ZERO;
+        }
+        let since = Duration::from_nanos(self.since_ns.load(Ordering::Relaxed));
+        now.saturating_duration_since(self.epoch)
+            .saturating_sub(since)
     }
 
     /// Jobs waiting for a worker.
@@ -60,6 +95,13 @@ impl Jobs {
         if inner.closed {
             return Err(job);
         }
+        if inner.queue.is_empty() {
+            let now = Instant::now();
+            inner.since = now;
+            let ns = now.saturating_duration_since(self.epoch).as_nanos();
+            self.since_ns
+                .store(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
         inner.queue.push_back(job);
         self.len.store(inner.queue.len(), Ordering::Relaxed);
         let wake = inner.idle > 0;
@@ -74,12 +116,11 @@ impl Jobs {
     /// and empty.
     pub fn pop(&self) -> Option<Taken> {
         let mut inner = self.inner.lock();
-        let mut waited = false;
         loop {
+            let queued_since = inner.since;
             if let Some(job) = inner.queue.pop_front() {
                 self.len.store(inner.queue.len(), Ordering::Relaxed);
-                let drained = waited || inner.queue.is_empty();
-                return Some(Taken { job, drained });
+                return Some(Taken { job, queued_since });
             }
             if inner.closed {
                 return None;
@@ -87,7 +128,6 @@ impl Jobs {
             inner.idle += 1;
             self.ready.wait(&mut inner);
             inner.idle -= 1;
-            waited = true;
         }
     }
 
@@ -127,22 +167,36 @@ mod tests {
     }
 
     #[test]
-    fn fifo_with_drain_marks_and_a_length() {
+    fn fifo_with_a_length_and_the_time_since_it_was_last_empty() {
         let jobs = Jobs::new();
+        assert_eq!(
+            jobs.undrained(Instant::now() + Duration::from_secs(9)),
+            Duration::ZERO
+        );
+        let before = Instant::now();
         for slot in 0..3 {
             jobs.push(job(slot)).expect("open");
         }
+        let after = Instant::now();
         assert_eq!(jobs.len(), 3);
+        let later = after + Duration::from_secs(1);
+        let undrained = jobs.undrained(later);
+        assert!(undrained >= Duration::from_secs(1) && undrained <= later - before);
         let first = jobs.pop().expect("a job");
-        assert_eq!((first.job.ticket.slot, first.drained), (0, false));
-        assert_eq!(jobs.pop().map(|t| t.drained), Some(false));
-        let last = jobs.pop().expect("a job");
+        assert_eq!(first.job.ticket.slot, 0);
+        assert!(first.queued_since >= before && first.queued_since <= after);
+        let second = jobs.pop().expect("a job");
         assert_eq!(
-            (last.job.ticket.slot, last.drained),
-            (2, true),
-            "the last drains it"
+            second.queued_since, first.queued_since,
+            "not empty in between"
         );
+        assert_eq!(jobs.pop().map(|t| t.job.ticket.slot), Some(2));
         assert!(jobs.is_empty());
+        assert_eq!(jobs.undrained(later), Duration::ZERO, "empty: drained");
+        // Non-empty again: counted from the new push.
+        let again = Instant::now();
+        jobs.push(job(3)).expect("open");
+        assert!(jobs.pop().expect("a job").queued_since >= again);
     }
 
     #[test]
@@ -153,13 +207,12 @@ mod tests {
             std::thread::spawn(move || {
                 let mut taken = Vec::new();
                 while let Some(t) = jobs.pop() {
-                    taken.push((t.job.ticket.slot, t.drained));
+                    taken.push(t.job.ticket.slot);
                 }
                 taken
             })
         };
-        // Pushed once it waits: it is woken, and a job found after waiting counts as found on
-        // a drained queue.
+        // Pushed once it waits: it is woken.
         let deadline = Instant::now() + Duration::from_secs(10);
         while jobs.inner.lock().idle == 0 {
             assert!(Instant::now() < deadline, "the worker never waited");
@@ -172,7 +225,7 @@ mod tests {
         jobs.close();
         assert!(jobs.push(job(8)).is_err(), "closed");
         let taken = worker.join().expect("worker");
-        assert_eq!(taken, [(7, true)]);
+        assert_eq!(taken, [7]);
     }
 
     #[test]

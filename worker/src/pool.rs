@@ -276,7 +276,7 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
             // About to idle: publish counts first.
             rec.flush();
         }
-        let Some(Taken { job, drained }) = pool.jobs.pop() else {
+        let Some(Taken { job, queued_since }) = pool.jobs.pop() else {
             break;
         };
         let started = Instant::now();
@@ -284,12 +284,8 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
         rec.picked_up(waited);
         rec.flush_if_due(started);
         let ticket = job.ticket;
-        let verdict = shed(&job, waited, started, &pool.queue);
-        // The queue was empty until this job came, or is now: it drained (recorded after the
-        // decision: this job waited in it).
-        if drained {
-            pool.queue.drained(started);
-        }
+        let undrained = started.saturating_duration_since(queued_since);
+        let verdict = shed(&job, waited, started, undrained, &pool.queue);
         let outcome = match verdict {
             Some(shed) => Outcome::Shed(shed),
             None => Outcome::Ran(run_one(
@@ -311,13 +307,25 @@ fn run(index: u32, mut handler: Box<dyn Handler>, pool: Pool) {
     log::debug!("worker {index}: stopped");
 }
 
-/// Why `job`, taken at `now` after waiting `waited`, must not be started, if it must not: its
-/// deadline passed, or it waited past the target (and a service time) while a queue stands.
-fn shed(job: &Job, waited: Duration, now: Instant, queue: &QueueState) -> Option<Shed> {
-    if job.deadline.is_some_and(|deadline| now >= deadline) {
+/// Why `job`, taken at `now` after waiting `waited` in a queue that had gone `undrained`
+/// without being empty, must not be started, if it must not: its deadline has passed or leaves
+/// less than a mean service time (its client would not wait for the reply), or it waited past
+/// the target (and a service time) while a queue stands.
+fn shed(
+    job: &Job,
+    waited: Duration,
+    now: Instant,
+    undrained: Duration,
+    queue: &QueueState,
+) -> Option<Shed> {
+    let service = queue.service();
+    if job
+        .deadline
+        .is_some_and(|deadline| now.checked_add(service).is_none_or(|end| end > deadline))
+    {
         return Some(Shed::Deadline);
     }
-    queue.shed(now, waited).then_some(Shed::QueueTime)
+    queue.shed(undrained, waited).then_some(Shed::QueueTime)
 }
 
 /// Runs one request's handler, catching a panic and refusing an oversized reply.

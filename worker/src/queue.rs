@@ -9,10 +9,11 @@
 //! steady overload every refusal is then immediate, and workers shed only what the prediction
 //! got wrong. The target follows the service time ([`TARGET_SERVICE_TIMES`] mean service times at
 //! least), so a slow handler's ordinary queue is never taken for overload. The pure decisions
-//! are [`past_target`] and [`predicted_wait`]; [`QueueState`] holds the measurements.
+//! are [`past_target`] and [`predicted_wait`]; [`QueueState`] holds the measurements, and the
+//! job queue (`jobs.rs`) how long it has gone without being empty.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The effective target is at least this many mean service times: with the door refusing at
 /// the target, the queue then holds about this many requests per worker, enough that a worker
@@ -25,35 +26,20 @@ const EWMA_SHIFT: u32 = 3;
 /// The queue's timing, shared by the pool and the coordinator.
 #[derive(Debug)]
 pub struct QueueState {
-    epoch: Instant,
     target: Duration,
     interval: Duration,
     /// Moving average of handler time, nanoseconds (0: no sample yet).
     service_ns: AtomicU64,
-    /// When a worker last found the queue empty, nanoseconds since `epoch`.
-    drained_ns: AtomicU64,
 }
 
 impl QueueState {
-    /// A queue with `--queue-target` and `--queue-interval`, drained now.
+    /// A queue with `--queue-target` and `--queue-interval`.
     pub fn new(target: Duration, interval: Duration) -> QueueState {
         QueueState {
-            epoch: Instant::now(),
             target,
             interval,
             service_ns: AtomicU64::new(0),
-            drained_ns: AtomicU64::new(0),
         }
-    }
-
-    fn since_epoch(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// A worker found the queue empty at `now`.
-    pub fn drained(&self, now: Instant) {
-        self.drained_ns
-            .fetch_max(self.since_epoch(now), Ordering::Relaxed);
     }
 
     /// A handler ran for `took`.
@@ -89,35 +75,24 @@ impl QueueState {
         self.interval.max(self.target())
     }
 
-    /// How long the queue has gone without draining, as of `now`.
-    pub fn undrained(&self, now: Instant) -> Duration {
-        let drained = Duration::from_nanos(self.drained_ns.load(Ordering::Relaxed));
-        now.saturating_duration_since(self.epoch)
-            .saturating_sub(drained)
-    }
-
-    /// True when the queue has not drained within the interval as of `now`.
-    pub fn standing(&self, now: Instant) -> bool {
-        self.undrained(now) > self.interval()
-    }
-
-    /// Whether a worker taking, at `now`, a request that waited `sojourn` must not start it:
-    /// past the target plus one service time in a standing queue. The door lets in only
-    /// requests whose predicted wait plus a service time is within the target, so a worker
-    /// sheds only what the prediction got wrong (the handler's cost changed), not the ordinary
-    /// spread of the wait around it.
-    pub fn shed(&self, now: Instant, sojourn: Duration) -> bool {
+    /// Whether a worker taking a request that waited `sojourn`, from a queue that had gone
+    /// `undrained` without being empty, must not start it: past the target plus one service
+    /// time in a standing queue. The door lets in only requests whose predicted wait plus a
+    /// service time is within the target, so a worker sheds only what the prediction got wrong
+    /// (the handler's cost changed), not the ordinary spread of the wait around it.
+    pub fn shed(&self, undrained: Duration, sojourn: Duration) -> bool {
         let limit = self.target().saturating_add(self.service());
-        past_target(self.undrained(now), sojourn, limit, self.interval())
+        past_target(undrained, sojourn, limit, self.interval())
     }
 
-    /// Whether a request arriving at `now` with `predicted` wait ahead of it would be shed when
-    /// its turn came: it would then have waited `predicted` plus up to a service time (the
-    /// requests running when it arrived), in a queue undrained for as much longer.
-    pub fn shed_at_door(&self, now: Instant, predicted: Duration) -> bool {
+    /// Whether a request arriving with `predicted` wait ahead of it, to a queue that has gone
+    /// `undrained` without being empty, would be shed when its turn came: it would then have
+    /// waited `predicted` plus up to a service time (the requests running when it arrived), in
+    /// a queue undrained for as much longer.
+    pub fn shed_at_door(&self, undrained: Duration, predicted: Duration) -> bool {
         let wait = predicted.saturating_add(self.service());
         past_target(
-            self.undrained(now).saturating_add(wait),
+            undrained.saturating_add(wait),
             wait,
             self.target(),
             self.interval(),
@@ -169,21 +144,6 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_stands_once_it_has_not_drained_for_an_interval() {
-        let q = QueueState::new(20 * MS, 100 * MS);
-        let t0 = q.epoch;
-        q.drained(t0);
-        assert!(!q.standing(t0 + 100 * MS));
-        assert!(q.standing(t0 + 101 * MS));
-        q.drained(t0 + 150 * MS);
-        assert!(!q.standing(t0 + 200 * MS), "drained again");
-        // A late report of an older drain changes nothing.
-        q.drained(t0 + 10 * MS);
-        assert!(!q.standing(t0 + 250 * MS));
-        assert!(q.standing(t0 + 251 * MS));
-    }
-
-    #[test]
     fn only_a_standing_queue_sheds_and_only_past_the_target() {
         let (target, interval) = (20 * MS, 100 * MS);
         assert!(
@@ -201,18 +161,20 @@ mod tests {
     fn the_door_refuses_what_the_worker_would_shed() {
         let q = QueueState::new(20 * MS, 100 * MS);
         q.served(10 * MS);
-        let t0 = q.epoch;
-        q.drained(t0);
         // Just drained (a burst): a wait up to the interval (with a service time) is let in:
         // it will be served.
-        assert!(!q.shed_at_door(t0, 90 * MS));
-        assert!(q.shed_at_door(t0, 91 * MS), "past the interval by its turn");
+        assert!(!q.shed_at_door(Duration::ZERO, 90 * MS));
+        assert!(
+            q.shed_at_door(Duration::ZERO, 91 * MS),
+            "past the interval by its turn"
+        );
         // Standing: a wait that with one service time exceeds the target is refused.
-        let later = t0 + Duration::from_secs(1);
-        assert!(!q.shed_at_door(later, 10 * MS));
-        assert!(q.shed_at_door(later, 11 * MS));
+        let standing = Duration::from_secs(1);
+        assert!(!q.shed_at_door(standing, 10 * MS));
+        assert!(q.shed_at_door(standing, 11 * MS));
         // A worker sheds past the target and one service time: past what the door let in.
-        assert!(q.shed(later, 31 * MS) && !q.shed(later, 30 * MS));
+        assert!(q.shed(standing, 31 * MS) && !q.shed(standing, 30 * MS));
+        assert!(!q.shed(100 * MS, Duration::from_secs(5)), "draining: never");
     }
 
     #[test]

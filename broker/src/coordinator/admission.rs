@@ -37,8 +37,9 @@ pub struct Load {
     pub shedding: bool,
     /// A request admitted now would wait past the queue target in a standing queue.
     pub past_target: bool,
-    /// How long a request admitted now can expect to wait for a worker.
-    pub predicted_wait: Duration,
+    /// How long a request admitted now can expect to wait for its reply: its wait for a worker
+    /// and a mean service time.
+    pub predicted_reply: Duration,
 }
 
 /// Decides what becomes of a request with `verdict` (from `inspect`) and its client's
@@ -46,7 +47,8 @@ pub struct Load {
 /// so a draining or overloaded broker still says so. Refused at the door, in this order: the
 /// drain, a budget already spent, the memory bounds, then time: a request the queue would shed
 /// when its turn came (past the target in a standing queue; while the queue keeps draining
-/// nothing is refused for time), or whose predicted wait is longer than its client's budget.
+/// nothing is refused for time), or whose reply would come after its client's budget ran out
+/// (its predicted wait and a mean service time: a late reply is a failure to its client).
 pub fn admit(
     verdict: Result<RequestKind, ErrorCode>,
     budget: Option<Duration>,
@@ -64,7 +66,7 @@ pub fn admit(
         Ok(RequestKind::Work) if !load.conn_fits => refuse(R::MaxConnectionBytes),
         Ok(RequestKind::Work) if load.shedding => refuse(R::Memory),
         Ok(RequestKind::Work) if load.past_target => refuse(R::PredictedWait),
-        Ok(RequestKind::Work) if budget.is_some_and(|b| load.predicted_wait > b) => {
+        Ok(RequestKind::Work) if budget.is_some_and(|b| load.predicted_reply > b) => {
             refuse(R::DeadlineExceeded)
         }
         Ok(RequestKind::Work) => Admission::Serve,
@@ -122,7 +124,7 @@ mod tests {
         conn_fits: true,
         shedding: false,
         past_target: false,
-        predicted_wait: Duration::ZERO,
+        predicted_reply: Duration::ZERO,
     };
 
     const WORK: Result<RequestKind, ErrorCode> = Ok(RequestKind::Work);
@@ -146,7 +148,7 @@ mod tests {
             conn_fits: false,
             shedding: true,
             past_target: true,
-            predicted_wait: Duration::from_secs(60),
+            predicted_reply: Duration::from_secs(60),
         };
         for load in [IDLE, everything] {
             for code in [ErrorCode::TooLarge, ErrorCode::BadRequest] {
@@ -225,7 +227,7 @@ mod tests {
     fn a_long_queue_alone_is_not_refused() {
         // A burst that will drain (the queue's own rule says so): let in.
         let burst = Load {
-            predicted_wait: Duration::from_millis(90),
+            predicted_reply: Duration::from_millis(90),
             ..IDLE
         };
         assert_eq!(admit(WORK, None, burst), Admission::Serve);
@@ -243,13 +245,14 @@ mod tests {
     }
 
     #[test]
-    fn a_budget_that_is_spent_or_shorter_than_the_wait_is_refused_as_deadline_exceeded() {
+    fn a_budget_that_is_spent_or_shorter_than_the_reply_is_refused_as_deadline_exceeded() {
         assert_eq!(
             admit(WORK, Some(Duration::ZERO), IDLE),
             Admission::Refuse(R::DeadlineExceeded)
         );
         let waiting = Load {
-            predicted_wait: 10 * MS,
+            // e.g. 6 ms in the queue and 4 ms in the handler
+            predicted_reply: 10 * MS,
             ..IDLE
         };
         assert_eq!(admit(WORK, Some(10 * MS), waiting), Admission::Serve);
@@ -264,7 +267,7 @@ mod tests {
                 WORK,
                 None,
                 Load {
-                    predicted_wait: Duration::from_secs(9),
+                    predicted_reply: Duration::from_secs(9),
                     ..IDLE
                 }
             ),
@@ -281,7 +284,7 @@ mod tests {
             conn_fits: false,
             shedding: true,
             past_target: true,
-            predicted_wait: Duration::from_secs(1),
+            predicted_reply: Duration::from_secs(1),
         };
         assert_eq!(
             admit(WORK, Some(Duration::ZERO), everything),

@@ -128,8 +128,8 @@ impl Coordinator {
                 self.conns.fits(o.fd, o.conn, cost as u64, share)
             }),
             shedding: self.guard.shedding(),
-            past_target: queue.shed_at_door(now, predicted),
-            predicted_wait: predicted,
+            past_target: queue.shed_at_door(self.workers.jobs.undrained(now), predicted),
+            predicted_reply: predicted.saturating_add(queue.service()),
         }
     }
 
