@@ -310,6 +310,27 @@ impl Endpoint {
         self.ipv6
     }
 
+    /// Whether binding this endpoint and `admin` would take the same TCP port on an address
+    /// they share (one of them a wildcard, or the same IP): the second bind would fail.
+    pub fn overlaps(&self, admin: SocketAddr) -> bool {
+        let Some(port) = self.port else {
+            return false;
+        };
+        let host = self
+            .text
+            .strip_prefix("tcp://")
+            .and_then(|h| h.rsplit_once(':'))
+            .map_or("", |(host, _)| host);
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok();
+        port == admin.port()
+            && (admin.ip().is_unspecified()
+                || ip.is_none_or(|ip| ip.is_unspecified() || ip == admin.ip()))
+    }
+
     /// The socket file of an ipc:// endpoint.
     pub fn ipc_path(&self) -> Option<&str> {
         self.text.strip_prefix("ipc://")
@@ -605,6 +626,15 @@ impl Config {
                 .min(limits::MAX_WORKERS),
         };
         let range = |flag: &'static str, why: String| ConfigError::Range { flag, why };
+        if args.frontend.overlaps(args.admin) {
+            return Err(range(
+                "--admin",
+                format!(
+                    "{} takes the port of --frontend {}",
+                    args.admin, args.frontend
+                ),
+            ));
+        }
         if args.max_message_bytes < limits::MIN_MESSAGE_BYTES
             || args.max_message_bytes > limits::MAX_MESSAGE_BYTES
         {
@@ -830,6 +860,38 @@ mod tests {
 
     fn config(list: &[&str]) -> Result<Config, ConfigError> {
         Config::from_args(args(list).expect("flags parse"))
+    }
+
+    #[test]
+    fn the_admin_server_cannot_take_the_front_port() {
+        for (front, admin) in [
+            ("tcp://0.0.0.0:5555", "0.0.0.0:5555"),
+            ("tcp://*:5555", "127.0.0.1:5555"),
+            ("tcp://127.0.0.1:5555", "0.0.0.0:5555"),
+            ("tcp://127.0.0.1:5555", "127.0.0.1:5555"),
+            ("tcp://[::]:5555", "127.0.0.1:5555"),
+        ] {
+            assert!(
+                matches!(
+                    config(&["--frontend", front, "--admin", admin]),
+                    Err(ConfigError::Range {
+                        flag: "--admin",
+                        ..
+                    })
+                ),
+                "{front} and {admin}"
+            );
+        }
+        for (front, admin) in [
+            ("tcp://127.0.0.1:5555", "127.0.0.2:5555"),
+            ("tcp://0.0.0.0:5555", "0.0.0.0:8000"),
+            ("ipc:///tmp/broker.sock", "0.0.0.0:5555"),
+        ] {
+            assert!(
+                config(&["--frontend", front, "--admin", admin]).is_ok(),
+                "{front} and {admin}"
+            );
+        }
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn handled() -> SigSet {
 /// stop signal arriving at any moment of the start (while flags are parsed, logging is set up,
 /// sockets are bound) waits for the coordinator and is drained, instead of killing the process
 /// by its default action. (Between exec and `main`, while the dynamic loader and the runtime
-/// start, about half a millisecond here, the default still applies: only the parent can block
+/// start, 1 to 8 ms measured here, the default still applies: only the parent can block
 /// signals across exec.)
 pub fn block() -> Result<(), Error> {
     handled().thread_block()?;

@@ -151,9 +151,23 @@ fn a_client_that_reads_every_reply_loses_none_at_any_window() {
 #[test]
 #[cfg_attr(debug_assertions, ignore = "needs --release")]
 fn a_window_beyond_the_connection_bound_is_refused_not_lost() {
-    // 8 KiB requests, 2,000 outstanding: 16 MB against a 4 MiB --max-connection-bytes.
-    let broker = Broker::start(&["--workers", "2"]);
-    let body = vec![0x11u8; 8 * 1024];
+    // 8 KiB requests, 2,000 outstanding: 16 MB against a 4 MiB --max-connection-bytes. Each
+    // takes a worker a millisecond (the sleep handler, its "1" padded with spaces), so the
+    // broker cannot answer as fast as the client sends, on any machine: an echo handler could
+    // keep the connection under its bound and prove nothing. The queue target is far off, so
+    // the bound that refuses is the connection's, not the queue's.
+    let broker = Broker::start(&[
+        "--workers",
+        "2",
+        "--handler",
+        "sleep",
+        "--queue-target",
+        "60s",
+        "--queue-interval",
+        "60s",
+    ]);
+    let mut body = vec![b' '; 8 * 1024 - 1];
+    body.push(b'1');
     let outcome = pipeline(&broker.front, 2000, 20_000, &[&body]);
     eprintln!("window 2000 x 8 KiB: {outcome:?}");
     assert_eq!(
@@ -170,6 +184,14 @@ fn a_window_beyond_the_connection_bound_is_refused_not_lost() {
         .unwrap_or(0);
     assert!(refused > 0, "the excess is refused: {outcome:?}");
     assert_eq!(outcome.ok + refused, 20_000, "{outcome:?}");
+    assert_eq!(
+        metric(
+            &broker,
+            "broker_requests_refused_total{reason=\"max_connection_bytes\"}"
+        ),
+        refused as f64,
+        "refused by the connection's bound"
+    );
     assert_eq!(dropped(&broker), 0.0, "refused, not dropped");
 }
 

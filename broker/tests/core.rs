@@ -604,6 +604,17 @@ fn every_refused_setting_exits_2_with_one_line_before_anything_starts() {
         // A random admin port no probe could be told (issue 19).
         (&["--admin", "127.0.0.1:0"], &[], "--admin"),
         (&["--admin", " 127.0.0.1:0\n"], &[], "--admin"),
+        // The admin server on the front port: the second bind would fail after the first.
+        (
+            &[
+                "--frontend",
+                "tcp://127.0.0.1:5999",
+                "--admin",
+                "0.0.0.0:5999",
+            ],
+            &[],
+            "--admin",
+        ),
         // Queue times that scheduling noise alone would trip, or that no clock can add.
         (&["--queue-target", "0s"], &[], "--queue-target"),
         (&["--queue-target", "500us"], &[], "--queue-target"),

@@ -236,6 +236,81 @@ fn refused_requests_count_as_demand() {
     assert_eq!(refused(&broker, "max_inflight"), 10.0);
 }
 
+/// A request no pool could have served in time is not demand: a spent budget, or one shorter
+/// than the handler takes. A thousand of them leave the signal where it was, so a client with
+/// a broken clock cannot ask the autoscaler for pods.
+#[test]
+fn requests_no_pool_could_serve_are_not_demand() {
+    let broker = Broker::start(&["--workers", "1", "--handler", "sleep"]);
+    let client = Client::dealer(&broker.front, true);
+    for _ in 0..3 {
+        assert!(matches!(client.request(&[b"50"]), Reply::Ok(_)));
+    }
+    let before = metric(&broker, "broker_demand_seconds_total");
+    for budget in [0, 10] {
+        for _ in 0..500 {
+            with_budget(&client, budget, &[b"50"]);
+        }
+        for _ in 0..500 {
+            let reply = client.recv_reply();
+            assert_eq!(
+                err_code(&reply),
+                Some(ErrorCode::DeadlineExceeded),
+                "{reply:?}"
+            );
+        }
+    }
+    let after = metric(&broker, "broker_demand_seconds_total");
+    eprintln!("demand {before:.3} -> {after:.3} s");
+    assert_eq!(refused(&broker, "deadline_exceeded"), 1000.0);
+    assert!(after - before < 0.001, "{before} -> {after}");
+}
+
+/// A client that retries the moment it is refused is answered in microseconds, far faster than
+/// the pool could serve it: what its refusals count as demand is capped at
+/// `REFUSED_PER_WORKER` (10) seconds per second per worker, with a second of that as a burst.
+#[test]
+fn a_retry_storm_counts_no_more_demand_than_the_cap() {
+    let broker = Broker::start(&[
+        "--workers",
+        "1",
+        "--handler",
+        "sleep",
+        "--max-inflight",
+        "1",
+    ]);
+    let holder = Client::dealer(&broker.front, true);
+    // The mean service time becomes a second, so each refusal would count a second.
+    assert!(matches!(holder.request(&[b"1000"]), Reply::Ok(_)));
+    let before = metric(&broker, "broker_demand_seconds_total");
+    let started = std::time::Instant::now();
+    holder.send(&[b"1000"]);
+    let storm = Client::dealer(&broker.front, true);
+    let mut refused_now = 0;
+    for _ in 0..20 {
+        for _ in 0..100 {
+            storm.send(&[b"1000"]);
+        }
+        refused_now += (0..100)
+            .map(|_| storm.recv_reply())
+            .filter(|r| err_code(r) == Some(ErrorCode::Overloaded))
+            .count();
+    }
+    assert!(matches!(holder.recv_reply(), Reply::Ok(_)));
+    let after = metric(&broker, "broker_demand_seconds_total");
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!("{refused_now} refused in {elapsed:.3} s: demand {before:.3} -> {after:.3} s");
+    assert!(refused_now >= 1900, "the storm was refused: {refused_now}");
+    // One second in the handler, at most 10 s of burst and 10 s per second since.
+    let cap = 1.0 + 10.0 + 10.0 * elapsed;
+    assert!(
+        after - before <= cap + 0.01,
+        "{before} -> {after}, cap {cap:.3}"
+    );
+    // And the cap is what counted, not nothing: the storm did ask for more than the pool had.
+    assert!(after - before > 5.0, "{before} -> {after}");
+}
+
 /// An idle queue has drained, however long it sat idle: the first burst after a quiet spell
 /// longer than the interval is served, not taken for a queue that stood all along.
 #[test]

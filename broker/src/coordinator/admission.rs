@@ -101,6 +101,24 @@ pub fn refusal(reason: RefusedReason) -> (ErrorCode, &'static str) {
     }
 }
 
+/// Whether a refusal for `reason` counts as demand on the pool (the autoscaling signal, see
+/// `demand`): work more pods would have done. Not the drain; not a connection over its own
+/// bound (one client's window, which more pods do not shorten); not a request whose `budget`
+/// was spent or shorter than a mean `service` time (an idle pool could not have served it
+/// either). A shed at a worker passes `None`: it was admitted with time to spare.
+pub fn counts_as_demand(
+    reason: RefusedReason,
+    budget: Option<Duration>,
+    service: Duration,
+) -> bool {
+    use RefusedReason as R;
+    match reason {
+        R::Draining | R::MaxConnectionBytes => false,
+        R::DeadlineExceeded => budget.is_none_or(|b| !b.is_zero() && b >= service),
+        R::MaxInflight | R::MaxInflightBytes | R::Memory | R::PredictedWait | R::QueueTime => true,
+    }
+}
+
 /// What a request counts against `--max-inflight-bytes` while it is held: every byte it keeps
 /// (the routing id, the rest of the envelope, the body) and [`FRAME_OVERHEAD`] for each of its
 /// `frames` (a `zmq_msg_t` apiece). The envelope stays in the table until the reply, so it is
@@ -128,6 +146,44 @@ mod tests {
     };
 
     const WORK: Result<RequestKind, ErrorCode> = Ok(RequestKind::Work);
+
+    #[test]
+    fn refusals_count_as_demand_only_when_more_pods_would_have_served_them() {
+        let service = 10 * MS;
+        for reason in [
+            R::MaxInflight,
+            R::MaxInflightBytes,
+            R::Memory,
+            R::PredictedWait,
+        ] {
+            assert!(counts_as_demand(reason, None, service), "{reason:?}");
+            assert!(
+                counts_as_demand(reason, Some(service), service),
+                "{reason:?}"
+            );
+        }
+        assert!(counts_as_demand(R::QueueTime, None, service));
+        // A deadline shed at a worker, or a budget the queue (not the handler) could not meet.
+        assert!(counts_as_demand(R::DeadlineExceeded, None, service));
+        assert!(counts_as_demand(
+            R::DeadlineExceeded,
+            Some(service),
+            service
+        ));
+        // A budget spent, or shorter than the handler takes: no pool could have met it.
+        assert!(!counts_as_demand(
+            R::DeadlineExceeded,
+            Some(Duration::ZERO),
+            service
+        ));
+        assert!(!counts_as_demand(
+            R::DeadlineExceeded,
+            Some(service - MS),
+            service
+        ));
+        assert!(!counts_as_demand(R::Draining, None, service));
+        assert!(!counts_as_demand(R::MaxConnectionBytes, None, service));
+    }
 
     #[test]
     fn an_idle_broker_serves_work_and_answers_health() {

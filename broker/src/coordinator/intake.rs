@@ -5,6 +5,7 @@
 //! check, or refuse it and why (a typed `RefusedReason`, counted by reason).
 
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use shared::metrics::RefusedReason;
 use shared::protocol::{inspect, RequestKind};
@@ -12,7 +13,7 @@ use worker::queue::predicted_wait;
 use worker::Job;
 use zmq::Message;
 
-use super::admission::{admit, cost, refusal, Admission, Load};
+use super::admission::{admit, cost, counts_as_demand, refusal, Admission, Load};
 use super::inflight::{Entry, Origin};
 use super::replies::Body;
 use super::Coordinator;
@@ -102,7 +103,7 @@ impl Coordinator {
             }
             Admission::Refuse(reason) => {
                 frames.clear();
-                self.refused(reason);
+                self.refused(reason, seen.timeout);
                 let (code, message) = refusal(reason);
                 self.answer(envelope, origin, Body::Err(code, message), None);
             }
@@ -133,11 +134,15 @@ impl Coordinator {
         }
     }
 
-    /// Counts a refusal by reason, and as demand when it was for load.
-    pub(super) fn refused(&mut self, reason: RefusedReason) {
+    /// Counts a refusal by reason and, when more pods would have served it, as demand, as
+    /// far as the allowance lets (see `demand`). `budget` is the request's at the door, `None`
+    /// for a shed at a worker.
+    pub(super) fn refused(&mut self, reason: RefusedReason, budget: Option<Duration>) {
         self.rec.refused(reason);
-        if reason.is_demand() {
-            self.workers.demand.refused(self.workers.queue.service());
+        let service = self.workers.queue.service();
+        if counts_as_demand(reason, budget, service) {
+            let seconds = self.allowance.take(self.now, service);
+            self.workers.demand.refused(seconds);
         }
     }
 

@@ -40,7 +40,7 @@ use zmq::{Message, Socket};
 use crate::access::{Refusals, ZapHandler};
 use crate::config::Config;
 use crate::conns;
-use crate::demand::Demand;
+use crate::demand::{Demand, RefusedAllowance};
 use crate::guard;
 use crate::lifecycle::Status;
 use crate::signals::{self, Signals};
@@ -161,6 +161,8 @@ pub struct Coordinator {
     next_resync: Instant,
     next_key_check: Instant,
     refusals: Refusals,
+    /// How much refused work may still count as demand (a retry storm must not inflate it).
+    allowance: RefusedAllowance,
     /// The last monitor event was a handshake that failed without a protocol error; counted at
     /// the DISCONNECTED that libzmq sends right after it, unless the broker itself closed that
     /// connection (refused at --max-connections, or reset): libzmq reports that as a failed
@@ -215,6 +217,7 @@ impl Coordinator {
             next_resync: now,
             next_key_check: now + KEY_CHECK_EVERY,
             handshake_failed: false,
+            allowance: RefusedAllowance::new(config.workers, now),
             config: config.clone(),
         }
     }

@@ -339,7 +339,7 @@ impl Coordinator {
                     Shed::QueueTime => RefusedReason::QueueTime,
                     Shed::Deadline => RefusedReason::DeadlineExceeded,
                 };
-                self.refused(reason);
+                self.refused(reason, None);
                 let (code, message) = refusal(reason);
                 self.answer(
                     entry.envelope,

@@ -128,14 +128,6 @@ reasons! {
     }
 }
 
-impl RefusedReason {
-    /// True for refusals of load (everything but draining): work the pool was asked for and
-    /// could not do in time, which the autoscaling signal counts as demand.
-    pub const fn is_demand(self) -> bool {
-        !matches!(self, RefusedReason::Draining)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
