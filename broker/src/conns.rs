@@ -450,7 +450,7 @@ impl Table {
 
     fn finish(&mut self, mut tracked: Tracked) -> Closed {
         let conn = Arc::clone(&tracked.conn);
-        self.out_estimate = self.out_estimate.saturating_sub(tracked.held_out());
+        self.out_estimate = self.out_estimate.saturating_sub(tracked.counted_out());
         // Our duplicate keeps the socket readable after libzmq closed it: this is the exact
         // count of what the peer acknowledged.
         let _ = conn.measure();
@@ -620,7 +620,53 @@ impl Table {
 
     /// Recomputes the outbound total from the latest measurements (the guard's included).
     pub fn resync(&mut self) {
-        self.out_estimate = self.by_fd.iter().flatten().map(Tracked::held_out).sum();
+        self.out_estimate = self.by_fd.iter().flatten().map(Tracked::counted_out).sum();
+    }
+
+    /// Over the reply budget, for a reply of `wire` bytes to connection `keep` on `keep_fd`:
+    /// resets the connection holding the most unread replies, when it holds more than the
+    /// reply's own connection would with the reply and more than `floor`, so that the reply of
+    /// a client that reads is not dropped for one that does not. Both are measured first (the
+    /// recorded figures lag what their peers acknowledged): two reads of `TCP_INFO`, not one per
+    /// connection. Returns what the reset connection held (libzmq drops it with the
+    /// connection), 0 if none qualified.
+    pub fn reset_largest_outbound(
+        &mut self,
+        keep_fd: RawFd,
+        keep: u64,
+        wire: u64,
+        floor: u64,
+    ) -> u64 {
+        let own = self.held_out(keep_fd, keep, 0).unwrap_or(0);
+        let floor = (own + wire).max(floor);
+        let Some(index) = self
+            .by_fd
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (i, t)))
+            .filter(|(_, t)| t.conn.id != keep && t.counted_out() > floor)
+            .max_by_key(|(_, t)| t.counted_out())
+            .map(|(i, _)| i)
+        else {
+            return 0;
+        };
+        let Some(victim) = self.by_fd.get_mut(index).and_then(Option::as_mut) else {
+            return 0;
+        };
+        let before = victim.counted_out();
+        let _ = victim.conn.measure();
+        trim(victim);
+        let held = victim.counted_out();
+        self.out_estimate = self.out_estimate.saturating_sub(before - held.min(before));
+        if held <= floor || !victim.conn.reset(ResetReason::Budget) {
+            return 0;
+        }
+        log::debug!(
+            "connection {}: reset, budget ({held} bytes of replies unread)",
+            victim.conn.id
+        );
+        self.out_estimate = self.out_estimate.saturating_sub(held);
+        held
     }
 
     /// Measures every connection holding outbound bytes (when the total looks over budget).
@@ -750,6 +796,16 @@ impl Tracked {
     /// Outbound bytes held as of the last measurement, with libzmq's per-frame overhead.
     fn held_out(&self) -> u64 {
         self.conn.held_out() + self.pending_frames * FRAME_OVERHEAD as u64
+    }
+
+    /// What it counts in the outbound total: nothing once it has been reset (libzmq drops
+    /// its queue with it), so a reset is never subtracted twice.
+    fn counted_out(&self) -> u64 {
+        if self.conn.reset_reason().is_some() {
+            0
+        } else {
+            self.held_out()
+        }
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::pipeline::pipeline;
-use common::{metric, Broker, Client, EVENT_TIMEOUT};
+use common::{eventually, metric, Broker, Client, EVENT_TIMEOUT};
 use shared::protocol::{parse_reply, Reply, HEALTH_REQUEST};
 use shared::ErrorCode;
 
@@ -193,6 +193,66 @@ fn a_window_beyond_the_connection_bound_is_refused_not_lost() {
         "refused by the connection's bound"
     );
     assert_eq!(dropped(&broker), 0.0, "refused, not dropped");
+}
+
+/// When the unread replies of all connections fill `--max-buffered-bytes`, a client that reads
+/// every reply loses none: the connection holding the most unread replies is reset
+/// (`reset{reason="budget"}`) instead of the reader's reply being dropped.
+#[test]
+#[cfg_attr(debug_assertions, ignore = "needs --release")]
+fn a_full_reply_budget_resets_a_non_reader_not_a_readers_reply() {
+    let broker = Broker::start(&[
+        "--workers",
+        "2",
+        "--max-message-bytes",
+        "256KiB",
+        "--max-connection-bytes",
+        "1MiB",
+        "--max-buffered-bytes",
+        "1MiB",
+        // Not rescued by the stall timer during the test: only the budget acts.
+        "--stall-timeout",
+        "60s",
+    ]);
+    let body = vec![0x33u8; 200 * 1024];
+    let ctx = zmq::Context::new();
+    // Six clients that send and never read, with the smallest queues libzmq and the kernel
+    // allow on their side, so the broker holds their replies: 2.4 MB wanted against 1 MiB.
+    let non_readers: Vec<zmq::Socket> = (0..6)
+        .map(|_| {
+            let socket = ctx.socket(zmq::DEALER).expect("dealer");
+            socket.set_rcvhwm(1).expect("rcvhwm");
+            socket.set_rcvbuf(4096).expect("rcvbuf");
+            socket.set_linger(0).expect("linger");
+            socket.connect(&broker.front).expect("connect");
+            for _ in 0..30 {
+                socket.send_multipart([&b""[..], &body], 0).expect("send");
+            }
+            socket
+        })
+        .collect();
+    let budget_acted = |b: &Broker| {
+        metric(b, "broker_connections_reset_total{reason=\"budget\"}")
+            + metric(b, "broker_replies_dropped_total{reason=\"budget\"}")
+    };
+    eventually("the reply budget is full", EVENT_TIMEOUT, || {
+        budget_acted(&broker) > 0.0
+    });
+    let reader = Client::dealer(&broker.front, true);
+    for n in 0..20 {
+        reader.send(&[&body]);
+        let reply = reader.try_recv(EVENT_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "reply {n} to the reader lost\n{}",
+                broker.http_get("/metrics").1
+            )
+        });
+        assert!(matches!(parse_reply(reply), Ok(Reply::Ok(ref f)) if f[..] == [body.clone()]));
+    }
+    let resets = metric(&broker, "broker_connections_reset_total{reason=\"budget\"}");
+    eprintln!("budget: {resets} non-readers reset");
+    assert!(resets > 0.0, "a non-reader was reset for the budget");
+    drop(non_readers);
 }
 
 /// `broker_received_bytes_total` and `broker_sent_bytes_total` count the same thing, every

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shared::metrics::{DropReason, Recorder, RefusedReason};
+use shared::metrics::{DropReason, Recorder, RefusedReason, ResetReason};
 use shared::protocol::{encode_err, encode_ok, wire_size, STATUS_OK};
 use shared::socket::send_one;
 use shared::{ErrorCode, Metrics};
@@ -19,6 +19,7 @@ use super::admission::refusal;
 use super::inflight::{Entry, Origin};
 use super::Coordinator;
 use crate::conns;
+use crate::guard::STALL_FLOOR;
 use crate::lifecycle::State;
 
 /// Reset connections remembered for naming the drops of their late replies; more than
@@ -269,10 +270,19 @@ impl Outbox {
             log::debug!("reply of {wire} bytes dropped: its connection holds {held} of {cap}");
             return Some(DropReason::Hwm);
         }
-        if !self.within_budget(conns, wire, self.max_buffered_bytes) {
-            return Some(DropReason::Budget);
+        if self.within_budget(conns, wire, self.max_buffered_bytes) {
+            return None;
         }
-        None
+        // The budget is full: the connection holding the most unread replies (more than this
+        // one would with this reply, and more than a client between requests holds) is the
+        // one not reading. Reset it rather than drop the reply of a client that reads.
+        if conns.reset_largest_outbound(origin.fd, origin.conn, wire, STALL_FLOOR) > 0 {
+            self.metrics.connections_reset(ResetReason::Budget, 1);
+            if conns.out_estimate() + wire <= self.max_buffered_bytes {
+                return None;
+            }
+        }
+        Some(DropReason::Budget)
     }
 }
 
