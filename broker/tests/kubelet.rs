@@ -471,23 +471,28 @@ fn only_sustained_shedding_takes_the_pod_out_of_its_services() {
             // any machine. All at once, on a busy machine, libzmq's buffers of dozens of
             // half-arrived megabytes spiked the resident size past the threshold while fewer
             // requests were held than keep it there, and shedding ended at once.
-            let scrape = |name: &str| {
+            let scrape = || {
                 http_status(admin_host, "/metrics", Duration::from_secs(2))
-                    .and_then(|(_, text)| {
-                        text.lines().find_map(|l| {
-                            l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()
-                        })
-                    })
-                    .unwrap_or(0.0)
+                    .map(|(_, text)| text)
+                    .unwrap_or_default()
             };
+            // Requests the broker has read: held, or answered OK or overloaded (one scrape;
+            // a failed scrape reads 0, and the wait goes on).
             let read = || {
-                scrape("broker_inflight_requests")
-                    + scrape("broker_requests_total{outcome=\"ok\"}")
-                    + scrape("broker_requests_total{outcome=\"overloaded\"}")
+                let text = scrape();
+                [
+                    "broker_inflight_requests",
+                    "broker_requests_total{outcome=\"ok\"}",
+                    "broker_requests_total{outcome=\"overloaded\"}",
+                ]
+                .iter()
+                .map(|name| common::sample(&text, name))
+                .filter(|v| !v.is_nan())
+                .sum::<f64>()
             };
             'send: for client in &clients {
                 for _ in 0..PER_CONNECTION {
-                    if scrape("broker_memory_shedding") == 1.0 {
+                    if common::sample(&scrape(), "broker_memory_shedding") == 1.0 {
                         break 'send;
                     }
                     let before = read();

@@ -389,10 +389,13 @@ pub fn assert_all_answered(broker: &Broker) {
 /// The value of one sample (`name` with its labels, as the text format writes it) from a
 /// scrape of /metrics, or NaN when it is absent. A plain read, for waiting on progress.
 pub fn metric(broker: &Broker, name: &str) -> f64 {
-    broker
-        .http_get("/metrics")
-        .1
-        .lines()
+    sample(&broker.http_get("/metrics").1, name)
+}
+
+/// The value of one sample (`name` with its labels) in the text of a /metrics scrape, or NaN
+/// when it is absent.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(f64::NAN)
